@@ -1,0 +1,11 @@
+"""VoiceCloak: protect voice recordings from diffusion voice cloning (VoiceCloak, arXiv 2505.12332)."""
+
+from .audio import AudioError, read_audio, write_audio
+from .bundle import BundleError, Models, load_models
+from .config import ConfigError, ProtectConfig
+from .protect import Cancelled, CancelToken, Progress, ProtectResult, protect
+
+__version__ = "0.1.0"
+
+__all__ = ["load_models", "protect", "ProtectConfig", "ProtectResult", "Progress", "CancelToken", "Cancelled",
+           "Models", "BundleError", "ConfigError", "AudioError", "read_audio", "write_audio", "__version__"]

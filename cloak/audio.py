@@ -1,0 +1,408 @@
+"""Reading, checking and atomically writing voice recordings.
+
+Every problem with the input (a missing or unreadable file, an empty or too short clip, NaN samples, an
+impossible shape or sample rate, samples that an integer format cannot store) raises :class:`AudioError`,
+whose message names the file (or array) and the problem.
+
+Conventions: samples are float32 in full scale [-1, 1], shaped ``(frames,)`` for mono and
+``(frames, channels)`` for multichannel audio (soundfile's layout, frames first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+__all__ = [
+    "MAX_CHANNELS",
+    "MAX_SAMPLE_RATE",
+    "MIN_SAMPLE_RATE",
+    "Audio",
+    "AudioError",
+    "read_audio",
+    "to_mono",
+    "validate_samples",
+    "write_audio",
+]
+
+PathLike = str | os.PathLike[str]
+
+MIN_SAMPLE_RATE = 8_000
+MAX_SAMPLE_RATE = 192_000
+MAX_CHANNELS = 8
+
+# Container inferred from the file extension; anything else is written as WAV.
+_EXTENSION_FORMATS: dict[str, str] = {
+    ".wav": "WAV",
+    ".flac": "FLAC",
+    ".aiff": "AIFF",
+    ".aif": "AIFF",
+    ".ogg": "OGG",
+    ".mp3": "MP3",
+}
+# Subtype used when the caller names none.
+_DEFAULT_SUBTYPES: dict[str, str] = {
+    "WAV": "FLOAT",
+    "FLAC": "PCM_24",
+    "AIFF": "FLOAT",
+    "OGG": "VORBIS",
+    "MP3": "MPEG_LAYER_III",
+}
+# Subtypes that store floating point and so keep values outside [-1, 1].
+_FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
+# Linear integer PCM subtypes: bits per sample. We quantize these ourselves (round to nearest, scale
+# 2**(bits-1), the inverse of libsndfile's int -> float read) so a clip read from an integer file is written
+# back bit-exact, whatever libsndfile version does the float -> int conversion.
+_PCM_BITS: dict[str, int] = {
+    "PCM_S8": 8,
+    "PCM_U8": 8,
+    "PCM_16": 16,
+    "PCM_24": 24,
+    "PCM_32": 32,
+    "ALAC_16": 16,
+    "ALAC_20": 20,
+    "ALAC_24": 24,
+    "ALAC_32": 32,
+}
+# Integer dtypes accepted in memory, with their full-scale divisor.
+_INT_SCALES: dict[np.dtype[Any], float] = {
+    np.dtype(np.int16): 32768.0,
+    np.dtype(np.int32): 2147483648.0,
+}
+
+
+class AudioError(ValueError):
+    """Bad audio input: the message names the file (or array) and what is wrong with it."""
+
+
+@dataclass(frozen=True, eq=False)
+class Audio:
+    """A decoded recording.
+
+    samples      float32, ``(frames,)`` for mono, ``(frames, channels)`` for multichannel.
+    sample_rate  frames per second.
+    subtype      soundfile subtype of the source (``'PCM_16'``, ``'FLOAT'``, ...), None if not from a file.
+    format       soundfile container of the source (``'WAV'``, ``'FLAC'``, ...), None if not from a file.
+
+    Instances compare by identity (``eq=False``): comparing arrays element-wise has no single truth value.
+    """
+
+    samples: np.ndarray
+    sample_rate: int
+    subtype: str | None = None
+    format: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.samples, np.ndarray) or self.samples.ndim not in (1, 2):
+            raise AudioError(
+                f"Audio samples must be a 1-D or 2-D numpy array, got {type(self.samples).__name__}"
+                f" of shape {getattr(self.samples, 'shape', None)}"
+            )
+        if self.samples.dtype != np.float32:
+            raise AudioError(f"Audio samples must be float32, got {self.samples.dtype}")
+        if isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, int | np.integer):
+            raise AudioError(f"Audio sample_rate must be an int, got {self.sample_rate!r}")
+        if self.sample_rate <= 0:
+            raise AudioError(f"Audio sample_rate must be positive, got {self.sample_rate}")
+
+    @property
+    def frames(self) -> int:
+        """Number of sample frames (time steps)."""
+        return int(self.samples.shape[0])
+
+    @property
+    def channels(self) -> int:
+        """Number of channels (1 for a ``(frames,)`` array)."""
+        return 1 if self.samples.ndim == 1 else int(self.samples.shape[1])
+
+    @property
+    def duration(self) -> float:
+        """Length in seconds."""
+        return self.frames / self.sample_rate
+
+
+# --------------------------------------------------------------------------------------------------- checks
+
+
+def _check_limits(name: str, min_seconds: float, max_seconds: float | None) -> None:
+    if not math.isfinite(min_seconds) or min_seconds < 0:
+        raise AudioError(f"{name}: min_seconds must be a finite number >= 0, got {min_seconds!r}")
+    if max_seconds is not None and (not max_seconds > 0 or max_seconds < min_seconds):
+        raise AudioError(
+            f"{name}: max_seconds must be > 0 and >= min_seconds ({min_seconds}), got {max_seconds!r}"
+        )
+
+
+def _check_length(
+    name: str, frames: int, sample_rate: int, min_seconds: float, max_seconds: float | None
+) -> None:
+    if frames == 0:
+        raise AudioError(f"{name}: audio is empty (0 frames)")
+    seconds = frames / sample_rate
+    if seconds < min_seconds:
+        raise AudioError(
+            f"{name}: audio is too short: {seconds:.3f} s ({frames} frames at {sample_rate} Hz),"
+            f" at least {min_seconds} s needed"
+        )
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioError(f"{name}: audio is too long: {seconds:.3f} s, at most {max_seconds} s allowed")
+
+
+def _check_finite(name: str, samples: np.ndarray) -> None:
+    finite = np.isfinite(samples)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.reshape(samples.shape[0], -1).all(axis=1))
+        first = int(bad[0])
+        kind = "NaN" if np.isnan(samples[first]).any() else "infinite"
+        raise AudioError(
+            f"{name}: audio contains NaN or infinite samples"
+            f" ({bad.size} frame(s), first {kind} at frame {first})"
+        )
+
+
+def _as_float32(samples: Any, name: str) -> np.ndarray:
+    """A new float32 array holding ``samples`` (ints scaled to [-1, 1)); never a view of the input."""
+    arr = np.asarray(samples)
+    if arr.dtype in _INT_SCALES:
+        return (arr.astype(np.float64) / _INT_SCALES[arr.dtype]).astype(np.float32)
+    if arr.dtype.kind == "f":
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, caught as non-finite
+            return np.array(arr, dtype=np.float32, copy=True)
+    raise AudioError(
+        f"{name}: unsupported sample dtype {arr.dtype}; expected float32, float64, int16 or int32"
+    )
+
+
+def _check_rate(name: str, sample_rate: Any) -> int:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | np.integer):
+        raise AudioError(f"{name}: sample rate must be an integer number of Hz, got {sample_rate!r}")
+    rate = int(sample_rate)
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"{name}: sample rate {rate} Hz is outside the supported {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"
+        )
+    return rate
+
+
+def validate_samples(
+    samples: Any,
+    sample_rate: int,
+    *,
+    name: str = "audio",
+    min_seconds: float = 0.1,
+    max_seconds: float | None = None,
+) -> np.ndarray:
+    """Check an in-memory clip and return it as a new float32 array (the input is never modified).
+
+    Accepts float32/float64 arrays (full scale +-1) and int16/int32 arrays (scaled to [-1, 1)), shaped
+    ``(frames,)`` or ``(frames, channels)`` with 1..8 channels, at 8000..192000 Hz. Raises
+    :class:`AudioError` naming ``name`` for anything else, an empty clip, a clip shorter than
+    ``min_seconds`` or longer than ``max_seconds``, and NaN/inf samples.
+    """
+    _check_limits(name, min_seconds, max_seconds)
+    shape = np.shape(samples)
+    if len(shape) not in (1, 2):
+        raise AudioError(f"{name}: samples must have shape (frames,) or (frames, channels), got {shape}")
+    if len(shape) == 2:
+        channels = shape[1]
+        if channels < 1 or channels > MAX_CHANNELS:
+            hint = ""
+            if channels > MAX_CHANNELS and 1 <= shape[0] <= MAX_CHANNELS:
+                hint = " (it looks transposed: samples are (frames, channels), pass samples.T)"
+            raise AudioError(
+                f"{name}: {channels} channels, shape {shape}; 1..{MAX_CHANNELS} channels supported{hint}"
+            )
+    rate = _check_rate(name, sample_rate)
+    out = _as_float32(samples, name)
+    _check_length(name, int(out.shape[0]), rate, min_seconds, max_seconds)
+    _check_finite(name, out)
+    return out
+
+
+def to_mono(samples: Any) -> np.ndarray:
+    """Average the channels: ``(frames, channels)`` -> float32 ``(frames,)``; a mono array is copied."""
+    arr = _as_float32(samples, "to_mono")
+    if arr.ndim == 1:
+        return arr
+    if arr.ndim != 2:
+        raise AudioError(f"to_mono: samples must have shape (frames,) or (frames, channels), got {arr.shape}")
+    if arr.shape[1] == 0:
+        raise AudioError(f"to_mono: samples have no channels, shape {arr.shape}")
+    return arr.mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------- read
+
+
+def read_audio(path: PathLike, *, min_seconds: float = 0.1, max_seconds: float | None = None) -> Audio:
+    """Decode any file libsndfile reads (WAV, FLAC, OGG, MP3, AIFF, ...), any rate, any channel count.
+
+    Samples come back as float32, ``(frames,)`` for a mono file and ``(frames, channels)`` otherwise.
+    Raises :class:`AudioError` for a missing file, one that is not audio, an empty clip, one shorter than
+    ``min_seconds`` or longer than ``max_seconds``, and NaN/inf samples.
+    """
+    p = Path(path)
+    name = str(p)
+    _check_limits(name, min_seconds, max_seconds)
+    if not p.exists():
+        raise AudioError(f"{name}: file not found")
+    if p.is_dir():
+        raise AudioError(f"{name}: is a directory, not an audio file")
+    try:
+        with sf.SoundFile(name) as f:
+            rate, fmt, subtype = int(f.samplerate), str(f.format), str(f.subtype)
+            if f.frames > 0 and max_seconds is not None and f.frames / rate > max_seconds:
+                # refuse before decoding a huge file
+                _check_length(name, int(f.frames), rate, min_seconds, max_seconds)
+            data = f.read(dtype="float32", always_2d=False)
+    except (sf.SoundFileError, RuntimeError, OSError) as exc:
+        raise AudioError(f"{name}: not readable as audio: {exc}") from exc
+    samples = np.ascontiguousarray(data, dtype=np.float32)
+    if rate <= 0:
+        raise AudioError(f"{name}: invalid sample rate {rate}")
+    _check_length(name, int(samples.shape[0]), rate, min_seconds, max_seconds)
+    _check_finite(name, samples)
+    return Audio(samples=samples, sample_rate=rate, subtype=subtype, format=fmt)
+
+
+# ---------------------------------------------------------------------------------------------------- write
+
+
+def _resolve_format(path: Path, subtype: str | None, fmt: str | None) -> tuple[str, str]:
+    name = str(path)
+    if fmt is None:
+        fmt = _EXTENSION_FORMATS.get(path.suffix.lower(), "WAV")
+    fmt = fmt.upper()
+    if fmt not in sf.available_formats():
+        raise AudioError(f"{name}: unknown audio format {fmt!r}")
+    if subtype is None:
+        subtype = _DEFAULT_SUBTYPES.get(fmt) or sf.default_subtype(fmt)
+        if subtype is None:
+            raise AudioError(f"{name}: no default subtype for format {fmt}; pass subtype=")
+    subtype = subtype.upper()
+    if not sf.check_format(fmt, subtype):
+        raise AudioError(f"{name}: format {fmt} cannot store subtype {subtype}")
+    return fmt, subtype
+
+
+def _encode(samples: np.ndarray, subtype: str, name: str) -> np.ndarray:
+    """What to hand soundfile for ``subtype``: float32 as is, or integers quantized by us."""
+    if subtype in _FLOAT_SUBTYPES:
+        return samples
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    if peak > 1.0:
+        raise AudioError(
+            f"{name}: samples peak at {peak:.6g}, outside [-1, 1]; subtype {subtype} would clip them"
+            " (scale the audio down or write subtype='FLOAT')"
+        )
+    bits = _PCM_BITS.get(subtype)
+    if bits is None:  # codecs (Vorbis, MP3, u-law, ADPCM, ...): libsndfile encodes from float
+        return samples
+    container, width = (np.int16, 16) if bits <= 16 else (np.int32, 32)
+    full = float(2 ** (bits - 1))
+    q = np.clip(np.rint(samples.astype(np.float64) * full), -full, full - 1)
+    return (q.astype(np.int64) << (width - bits)).astype(container)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.normcase(a.resolve()) == os.path.normcase(b.resolve())
+
+
+def write_audio(
+    path: PathLike,
+    samples: Any,
+    sample_rate: int,
+    *,
+    subtype: str | None = None,
+    format: str | None = None,
+    overwrite: bool = False,
+    protect_original: PathLike | None = None,
+) -> Path:
+    """Write a clip atomically and return the path written.
+
+    The data goes to a hidden ``.<name>.<random>.partial`` file in the target's directory, is flushed to
+    disk, then moved over the target with :func:`os.replace`; on any failure the partial file is removed and
+    an existing target is left untouched.
+
+    The container comes from ``format`` or the extension (.wav, .flac, .aiff/.aif, .ogg, .mp3; anything
+    else is WAV). The default subtype is FLOAT (32-bit float) for WAV/AIFF, PCM_24 for FLAC, Vorbis for OGG
+    and MPEG layer III for MP3. Nothing is clipped silently: samples beyond [-1, 1] raise for any subtype
+    that is not floating point.
+
+    Raises :class:`AudioError` if the target exists and ``overwrite`` is false, if it is the same file as
+    ``protect_original``, and for any samples :func:`validate_samples` rejects (no minimum length here).
+    """
+    target = Path(path)
+    name = str(target)
+    if protect_original is not None and _same_file(target, Path(protect_original)):
+        raise AudioError(f"{name}: writing here would overwrite the original recording {protect_original}")
+    if target.is_dir():
+        raise AudioError(f"{name}: is a directory")
+    if target.exists() and not overwrite:
+        raise AudioError(f"{name}: file already exists (pass overwrite=True to replace it)")
+    parent = target.parent
+    if not parent.is_dir():
+        raise AudioError(f"{name}: directory {parent} does not exist")
+    fmt, sub = _resolve_format(target, subtype, format)
+    data = validate_samples(samples, sample_rate, name=name, min_seconds=0.0)
+    payload = _encode(data, sub, name)
+
+    tmp = _create_partial(parent, target.name)
+    try:
+        try:
+            sf.write(str(tmp), payload, int(sample_rate), subtype=sub, format=fmt)
+        except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
+            if isinstance(exc, AudioError):
+                raise
+            raise AudioError(f"{name}: could not write {fmt}/{sub} at {sample_rate} Hz: {exc}") from exc
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(parent)
+    return target
+
+
+def _create_partial(parent: Path, base: str) -> Path:
+    """Create (exclusively, permissions as for a normal new file) an empty hidden temp file in ``parent``."""
+    for _ in range(100):
+        tmp = parent / f".{base}.{secrets.token_hex(4)}.partial"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise AudioError(f"{parent / base}: could not create a temporary file in {parent}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable where the OS allows it (best effort)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

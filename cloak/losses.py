@@ -1,0 +1,64 @@
+"""The four VoiceCloak objectives (arXiv 2505.12332, Sec. 4), all *maximised* by the PGD ascent.
+
+Interpretation choices where the paper is ambiguous (numbers refer to reference.md Sec. 5.4):
+  L_ID    Algorithm 1's ascent form (1): 1 - cos(R(x_adv), R(x_ref)) + cos(R(x_adv), C_opp), averaged over the
+          configured speaker encoders R (GE2E by default, WavLM-SV when the bundle has it) (2). C_opp is the
+          L2-normalised mean of the normalised embeddings of all utterances of one opposite-gender speaker drawn
+          per job from the shipped voice bank (3).
+  L_ctx   DiffVC has self-attention only (4): the (B, 4, 32, 32) context matrices of the three down-path
+          LinearAttention blocks `downs.{0,1,2}.2` are summed, softmaxed over the last axis; KL(P_ref || P_adv)
+          summed over that axis and averaged over rows, heads and batch; P_ref (clean reference) is fixed (5).
+  L_score Per-sample L2 norm of the score over the masked (80 x T) map, batch mean (9); one estimator call per
+          repeat at t drawn from the first t_adv points of the T=100 sampler grid (8).
+  L_sem   Up-path features `ups.0`, `ups.1` (the two up blocks' outputs): 1 - cos(f_adv, f_clean) +
+          cos(f_adv, f_noise), cosine over each sample's flattened feature, averaged over layers and batch.
+          f_noise comes from Gaussian white noise used as both source and reference, fixed per job (10).
+  Shared  Per repeat one (t, x_t, surrogate source) draw is used by every U-Net term (6); surrogate sources are
+          other speakers' utterances of the protected speaker's gender (7).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .models.diffvc_decoder import DOWN_ATTN_KEYS, UP_FEATURE_KEYS, ScoreInternals
+
+
+def identity_loss(emb_adv: torch.Tensor, emb_clean: torch.Tensor, centroid_opp: torch.Tensor) -> torch.Tensor:
+    """1 - cos(adv, clean) + cos(adv, opposite-gender centroid), batch mean."""
+    return (1.0 - F.cosine_similarity(emb_adv, emb_clean, dim=-1)
+            + F.cosine_similarity(emb_adv, centroid_opp, dim=-1)).mean()
+
+
+def summed_context(internals: ScoreInternals, keys: tuple[str, ...] = DOWN_ATTN_KEYS) -> torch.Tensor:
+    ctx = internals.contexts[keys[0]].float()
+    for k in keys[1:]:
+        ctx = ctx + internals.contexts[k].float()
+    return ctx
+
+
+def context_log_probs(ctx: torch.Tensor, axis: int = -1) -> torch.Tensor:
+    return torch.log_softmax(ctx.float(), dim=axis)
+
+
+def context_loss(logp_ref: torch.Tensor, ctx_adv: torch.Tensor, axis: int = -1) -> torch.Tensor:
+    """KL(P_ref || P_adv) over `axis`, mean over the remaining axes."""
+    logp_adv = context_log_probs(ctx_adv, axis)
+    kl = (logp_ref.exp() * (logp_ref - logp_adv)).sum(axis)
+    return kl.mean()
+
+
+def score_loss(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norm of the masked score (B, 80, T), batch mean."""
+    return torch.linalg.vector_norm((score * mask).float().flatten(1), dim=1).mean()
+
+
+def semantic_loss(feat_adv: dict[str, torch.Tensor], feat_clean: dict[str, torch.Tensor],
+                  feat_noise: dict[str, torch.Tensor], keys: tuple[str, ...] = UP_FEATURE_KEYS) -> torch.Tensor:
+    total = feat_adv[keys[0]].new_zeros((), dtype=torch.float32)
+    for k in keys:
+        a = feat_adv[k].float().flatten(1)
+        total = total + (1.0 - F.cosine_similarity(a, feat_clean[k].float().flatten(1), dim=1)
+                         + F.cosine_similarity(a, feat_noise[k].float().flatten(1), dim=1)).mean()
+    return total / len(keys)

@@ -1,0 +1,1 @@
+"""Training of the embedded cloak-mini DiffVC (reduced widths, official architecture)."""

@@ -1,0 +1,309 @@
+"""Train cloak-mini: DiffVC's architecture at reduced width on the project's open speech corpora.
+
+Stages (each resumable, each deterministic given the seed):
+  prepare  resample every utterance to 22.05 kHz once, cache log-mels and GE2E d-vectors, make the split;
+  encoder  MelEncoder + PostNet regress the "average voice" substitute target (see targets.py);
+  means    cache encoder outputs for every utterance;
+  decoder  score-matching training of the U-Net with the official conditioning (GE2E d-vector of the
+           reference + RefBlock on the diffused reference mel + time embedding), bf16 autocast on CPU;
+  export   write the shipped checkpoint {config, state_dict, meta}.
+
+Validation split: three speakers of shared/corpus never seen in training, plus one utterance of every
+training speaker (the last one; for speakers with a single utterance, its last 15 % of frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from ..corpus import list_speakers
+from ..features import DIFFVC_RATE, GE2E_RATE, diffvc_mel, resample
+from ..models.diffvc import DiffVC, DiffVCConfig
+from ..models.ge2e import GE2E, volume_gain
+from .targets import average_voice_target, speaker_stats
+
+log = logging.getLogger("cloak.train")
+
+MINI_CONFIG = DiffVCConfig(n_feats=80, channels=128, filters=512, heads=2, layers=4, kernel=3, dropout=0.1,
+                           window_size=4, enc_dim=32, spk_dim=64, use_ref_t=True, dec_dim=32,
+                           beta_min=0.05, beta_max=20.0)
+VAL_SPEAKERS = ("vctk_p225", "librispeech_3080", "librispeech_2414")  # F, F, M; from shared/corpus
+
+
+@dataclass
+class TrainSettings:
+    seed: int = 1234
+    enc_steps: int = 3000
+    enc_batch: int = 16
+    enc_frames: int = 128
+    enc_lr: float = 5e-4
+    dec_steps: int = 40000
+    dec_batch: int = 8
+    dec_frames: int = 64
+    dec_lr: float = 2e-4
+    ckpt_every: int = 250
+    bf16: bool = True
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------------
+def prepare(roots: list[Path], cache: Path) -> Path:
+    out = cache / "data.pt"
+    if out.exists():
+        return out
+    ge2e = GE2E.load()
+    items = []
+    for root in roots:
+        for spk in list_speakers(root):
+            held_out_speaker = spk.name in VAL_SPEAKERS
+            for k, f in enumerate(spk.files):
+                x, sr = sf.read(str(f), dtype="float32", always_2d=True)
+                x = torch.from_numpy(x.mean(1))
+                with torch.no_grad():
+                    w22 = resample(x, sr, DIFFVC_RATE)
+                    mel = diffvc_mel(w22[None])[0]
+                    w16 = resample(x, sr, GE2E_RATE)
+                    dvec = ge2e.embed(w16[None] * volume_gain(w16))[0]
+                last = k == len(spk.files) - 1
+                if held_out_speaker:
+                    split = [("val_unseen", 0, mel.shape[1])]
+                elif len(spk.files) > 1:
+                    split = [("val_seen" if last else "train", 0, mel.shape[1])]
+                else:
+                    cut = int(mel.shape[1] * 0.85)
+                    split = [("train", 0, cut), ("val_seen", cut, mel.shape[1])]
+                for name, a, b in split:
+                    items.append({"speaker": spk.name, "sex": spk.sex, "file": str(f), "split": name,
+                                  "mel": mel[:, a:b].clone(), "dvec": dvec.clone()})
+            log.info("prepared %s (%d files)", spk.name, len(spk.files))
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(items, out.with_suffix(".tmp"))
+    os.replace(out.with_suffix(".tmp"), out)
+    return out
+
+
+def _crop(mel: torch.Tensor, frames: int, rng: random.Random) -> tuple[torch.Tensor, int, int]:
+    t = mel.shape[1]
+    if t >= frames:
+        a = rng.randrange(0, t - frames + 1)
+        return mel[:, a:a + frames], a, frames
+    pad = torch.full((mel.shape[0], frames - t), math.log(1e-5))
+    return torch.cat([mel, pad], 1), 0, t
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    return {"py": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["py"])
+    np.random.set_state(s["np"])
+    torch.set_rng_state(s["torch"])
+
+
+# --------------------------------------------------------------------------------------------------------
+def train_encoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: float) -> None:
+    ckpt_path = cache / "encoder.pt"
+    train = [it for it in items if it["split"] == "train"]
+    by_spk: dict[str, list[torch.Tensor]] = {}
+    for it in train:
+        by_spk.setdefault(it["speaker"], []).append(it["mel"])
+    stats = {s: speaker_stats(m) for s, m in by_spk.items()}
+    glob_mean = torch.stack([m for m, _ in stats.values()]).mean(0)
+    glob_std = torch.stack([s for _, s in stats.values()]).mean(0)
+    targets = [average_voice_target(it["mel"], *stats[it["speaker"]], glob_mean, glob_std) for it in train]
+
+    model = DiffVC.from_config(MINI_CONFIG)
+    enc = model.encoder
+    opt = torch.optim.Adam(enc.parameters(), lr=st.enc_lr)
+    step = 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        enc.load_state_dict(ck["encoder"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        _set_rng_state(ck["rng"])
+    else:
+        _seed_all(st.seed)
+    if step >= st.enc_steps:
+        return
+    rng = random.Random(st.seed + step)
+    weights = [it["mel"].shape[1] for it in train]
+    enc.train()
+    t0 = time.time()
+    logf = open(cache / "encoder_log.jsonl", "a")
+    while step < st.enc_steps and time.time() - t0 < budget_s:
+        idx = rng.choices(range(len(train)), weights=weights, k=st.enc_batch)
+        xs, ys, ms = [], [], []
+        for i in idx:
+            mel = train[i]["mel"]
+            x, a, n = _crop(mel, st.enc_frames, rng)
+            y, _, _ = _crop(targets[i][:, a:a + st.enc_frames] if mel.shape[1] >= st.enc_frames else targets[i],
+                            st.enc_frames, random.Random(0))
+            m = torch.zeros(1, st.enc_frames)
+            m[:, :n] = 1
+            xs.append(x)
+            ys.append(y)
+            ms.append(m)
+        x, y, m = torch.stack(xs), torch.stack(ys), torch.stack(ms)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.bf16):
+            loss = enc.compute_loss(x, y, m)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(enc.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            logf.write(json.dumps({"step": step, "loss": loss.item(), "t": time.time() - t0}) + "\n")
+            logf.flush()
+        if step % st.ckpt_every == 0 or step == st.enc_steps:
+            _save(ckpt_path, {"encoder": enc.state_dict(), "opt": opt.state_dict(), "step": step,
+                              "rng": _rng_state(), "glob_mean": glob_mean, "glob_std": glob_std})
+            log.info("encoder step %d loss %.4f", step, loss.item())
+
+
+def compute_means(items: list[dict], cache: Path) -> Path:
+    out = cache / "means.pt"
+    if out.exists():
+        return out
+    model = DiffVC.from_config(MINI_CONFIG)
+    model.encoder.load_state_dict(torch.load(cache / "encoder.pt", weights_only=False)["encoder"])
+    model.eval()
+    means = []
+    with torch.no_grad():
+        for it in items:
+            mel = it["mel"][None]
+            means.append(model.average_voice(mel, torch.ones(1, 1, mel.shape[-1]))[0].clone())
+    _save(out, {"means": means})
+    return out
+
+
+def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: float) -> None:
+    ckpt_path = cache / "decoder.pt"
+    means = torch.load(cache / "means.pt", weights_only=False)["means"]
+    train = [(it, mu) for it, mu in zip(items, means, strict=True) if it["split"] == "train"]
+    model = DiffVC.from_config(MINI_CONFIG)
+    model.encoder.load_state_dict(torch.load(cache / "encoder.pt", weights_only=False)["encoder"])
+    dec = model.decoder
+    opt = torch.optim.Adam(dec.parameters(), lr=st.dec_lr)
+    step = 0
+    gen = torch.Generator().manual_seed(st.seed)
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        dec.load_state_dict(ck["decoder"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        gen.set_state(ck["gen"])
+    if step >= st.dec_steps:
+        return
+    rng = random.Random(st.seed * 7 + step)
+    weights = [it["mel"].shape[1] for it, _ in train]
+    dec.train()
+    t0 = time.time()
+    logf = open(cache / "decoder_log.jsonl", "a")
+    run_loss = None
+    while step < st.dec_steps and time.time() - t0 < budget_s:
+        idx = rng.choices(range(len(train)), weights=weights, k=st.dec_batch)
+        xs, mus, refs, mrefs, ms, cs = [], [], [], [], [], []
+        for i in idx:
+            it, mu = train[i]
+            both = torch.cat([it["mel"], mu], 0)
+            x, _, n = _crop(both, st.dec_frames, rng)
+            r, _, _ = _crop(both, st.dec_frames, rng)
+            m = torch.zeros(1, st.dec_frames)
+            m[:, :n] = 1
+            xs.append(x[:80])
+            mus.append(x[80:] * m)
+            refs.append(r[:80])
+            mrefs.append(r[80:] * m)
+            ms.append(m)
+            cs.append(it["dvec"])
+        x, mu, ref, mref = torch.stack(xs), torch.stack(mus), torch.stack(refs), torch.stack(mrefs)
+        m, c = torch.stack(ms), torch.stack(cs)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.bf16):
+            loss = model.compute_loss(x * m, m, mu, ref * m, mref, c, generator=gen)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
+        opt.step()
+        step += 1
+        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        if step % 25 == 0:
+            logf.write(json.dumps({"step": step, "loss": loss.item(), "avg": run_loss,
+                                   "t": time.time() - t0}) + "\n")
+            logf.flush()
+        if step % st.ckpt_every == 0 or step == st.dec_steps:
+            _save(ckpt_path, {"decoder": dec.state_dict(), "opt": opt.state_dict(), "step": step,
+                              "gen": gen.get_state()})
+            log.info("decoder step %d loss %.4f (avg %.4f)", step, loss.item(), run_loss)
+
+
+def export(cache: Path, out: Path, st: TrainSettings) -> Path:
+    model = DiffVC.from_config(MINI_CONFIG)
+    enc = torch.load(cache / "encoder.pt", weights_only=False)
+    dec = torch.load(cache / "decoder.pt", weights_only=False)
+    model.encoder.load_state_dict(enc["encoder"])
+    model.decoder.load_state_dict(dec["decoder"])
+    meta = {"name": "cloak-mini", "encoder_steps": enc["step"], "decoder_steps": dec["step"],
+            "settings": asdict(st), "val_speakers": list(VAL_SPEAKERS)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _save(out, {"config": MINI_CONFIG.to_dict(), "state_dict": state, "meta": meta})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", default=["../shared/corpus-train", "../shared/corpus"])
+    p.add_argument("--cache", default="runs/mini")
+    p.add_argument("--stage", choices=["prepare", "encoder", "means", "decoder", "export", "all"], default="all")
+    p.add_argument("--hours", type=float, default=6.0, help="wall-time budget of this run")
+    p.add_argument("--out", default="runs/mini/cloak-mini.pt")
+    p.add_argument("--dec-steps", type=int, default=TrainSettings.dec_steps)
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    st = TrainSettings(dec_steps=a.dec_steps)
+    cache = Path(a.cache)
+    t_end = time.time() + a.hours * 3600
+    data = prepare([Path(r) for r in a.data], cache)
+    if a.stage == "prepare":
+        return
+    items = torch.load(data, weights_only=False)
+    if a.stage in ("encoder", "all"):
+        train_encoder(items, cache, st, t_end - time.time())
+    if a.stage in ("means", "all"):
+        compute_means(items, cache)
+    if a.stage in ("decoder", "all"):
+        train_decoder(items, cache, st, t_end - time.time())
+    if a.stage in ("export", "all"):
+        log.info("exported %s", export(cache, Path(a.out), st))
+
+
+if __name__ == "__main__":
+    main()
