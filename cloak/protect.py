@@ -96,6 +96,23 @@ class _Pool:
                      {k: v[idx] for k, v in self.feat_clean.items()},
                      {k: v[idx] for k, v in self.feat_noise.items()})
 
+    @staticmethod
+    def cat(pools: list[_Pool]) -> _Pool:
+        if len(pools) == 1:
+            return pools[0]
+        return _Pool(torch.cat([p.t for p in pools]), torch.cat([p.x_t for p in pools]),
+                     torch.cat([p.mean for p in pools]), torch.cat([p.mask for p in pools]),
+                     torch.cat([p.logp_ref for p in pools]) if pools[0].logp_ref is not None else None,
+                     {k: torch.cat([p.feat_clean[k] for p in pools]) for k in pools[0].feat_clean},
+                     {k: torch.cat([p.feat_noise[k] for p in pools]) for k in pools[0].feat_noise})
+
+
+def pool_size_for(cfg: ProtectConfig) -> int:
+    """Fixed draws per window: twice max(repeats, t_adv), a multiple of t_adv (12 with the paper's settings).
+    Their clean-reference internals are computed once, so set-up costs ~pool/repeats iterations' forwards."""
+    base = 2 * max(cfg.repeats, cfg.t_adv)
+    return math.ceil(base / cfg.t_adv) * cfg.t_adv
+
 
 class WindowAttack:
     """Everything one window's PGD needs, precomputed once; `objective` is the batched hot path."""
@@ -123,9 +140,9 @@ class WindowAttack:
             opp = models.bank.of_sex("F" if sex == "M" else "M")
             self.opposite = opp[int(torch.randint(len(opp), (1,), generator=gen))]
             self.centroids = [models.bank.centroid(e, self.opposite, self.dev) for e in self.id_encoders]
-            # the fixed pool of (t, source, x_t) draws: repeats x t_adv of them, t stratified over the grid
+            # the fixed pool of (t, source, x_t) draws, t stratified over the first t_adv sampler grid points
             grid = [1.0 - i / cfg.inference_steps for i in range(cfg.t_adv)]
-            pool_size = cfg.repeats * cfg.t_adv
+            pool_size = pool_size_for(cfg)
             sources = models.bank.of_sex(sex)
             mels = []
             for _ in range(pool_size):
@@ -133,12 +150,14 @@ class WindowAttack:
                 mels.append(models.bank.source_mel(spk, cfg.source_frames, gen))
             src = torch.stack(mels).to(self.dev)
             mask = torch.ones(pool_size, 1, cfg.source_frames, device=self.dev)
-            t = torch.tensor([grid[i % cfg.t_adv] for i in range(pool_size)], device=self.dev)
+            t_index = torch.arange(pool_size, device=self.dev) % cfg.t_adv
+            t = torch.tensor(grid, device=self.dev)[t_index]
             z = torch.randn(src.shape, generator=gen).to(self.dev)
             mean = torch.cat([dv.average_voice(s, m) for s, m in zip(src.split(cfg.repeats),
                                                                      mask.split(cfg.repeats), strict=True)])
             x_t = dv.decoder.compute_diffused_mean(src, mask, mean, t) + z * torch.sqrt(dv.decoder.variance(t))
             self.pool = _Pool(t, x_t * mask, mean, mask)
+            self.src, self.z = src, z
             # clean-reference internals at every pool draw
             ref = self._reference(self.x, x16 * self.gain)
             self.pool.logp_ref, self.pool.feat_clean = self._internals(ref, self.pool)
@@ -151,9 +170,15 @@ class WindowAttack:
             if nmel.shape[-1] < cfg.source_frames:
                 nmel = nmel.repeat(1, 1, math.ceil(cfg.source_frames / nmel.shape[-1]))[..., : cfg.source_frames]
             nmean = dv.average_voice(nmel, mask[:1])
-            nx_t = dv.decoder.compute_diffused_mean(nmel, mask[:1], nmean, t) + z * torch.sqrt(dv.decoder.variance(t))
-            noise_pool = _Pool(t, nx_t * mask, nmean.expand(pool_size, -1, -1), mask)
-            _, self.pool.feat_noise = self._internals(noise_ref, noise_pool)
+            # noise features depend on t only: one noise draw per grid point, shared by the pool entries at that t
+            tg, zg, mg = t[: cfg.t_adv], z[: cfg.t_adv], mask[: cfg.t_adv]
+            nx_t = dv.decoder.compute_diffused_mean(nmel, mg, nmean, tg) + zg * torch.sqrt(dv.decoder.variance(tg))
+            self.noise_ref = noise_ref
+            self.noise_pool = _Pool(tg, nx_t * mg, nmean.expand(cfg.t_adv, -1, -1), mg)
+            _, noise_feats = self._internals(noise_ref, self.noise_pool)
+            self.pool.feat_noise = {k: v[t_index] for k, v in noise_feats.items()}
+            self.t_index = t_index
+        self.order = torch.randperm(pool_size, generator=gen).to(self.dev)
 
     def emb_clean_ge2e(self, x16: torch.Tensor) -> torch.Tensor:
         for e, emb in zip(self.id_encoders, self.emb_clean, strict=True):
@@ -167,21 +192,13 @@ class WindowAttack:
         mask = torch.ones(1, 1, mel.shape[-1], device=self.dev)
         return mel, self.m.diffvc.average_voice(mel, mask), self.m.ge2e.embed(wave16)
 
-    def _score(self, ref: tuple[torch.Tensor, ...], pool: _Pool) -> tuple[torch.Tensor, ScoreInternals]:
-        mel, mean_ref, c = ref
-        b = pool.t.shape[0]
-        mask = torch.ones(1, 1, mel.shape[-1], device=self.dev)
-        xt_ref = self.m.diffvc.diffused_reference(mel.expand(b, -1, -1), mask.expand(b, -1, -1),
-                                                  mean_ref.expand(b, -1, -1), pool.t).unsqueeze(1)
-        return self.m.diffvc.score(pool.x_t, pool.mask, pool.mean, xt_ref, mask.expand(b, -1, -1),
-                                   c.expand(b, -1), pool.t, return_internals=True)
-
     @torch.no_grad()
     def _internals(self, ref: tuple[torch.Tensor, ...], pool: _Pool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps, feats = [], []
         idx = torch.arange(pool.t.shape[0], device=self.dev)
         for chunk in idx.split(self.cfg.repeats):
-            _, internals = self._score(ref, pool.take(chunk))
+            n = chunk.shape[0]
+            _, internals = _score(self.m, tuple(r.expand(n, *r.shape[1:]) for r in ref), pool.take(chunk))
             logps.append(context_log_probs(summed_context(internals)))
             feats.append(internals.features)
         return torch.cat(logps), {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
@@ -193,60 +210,79 @@ class WindowAttack:
             delta = torch.nn.functional.pad(delta, (0, max(0, n - delta.shape[-1])))[..., :n]
         return (self.x + delta).clamp(-1.0, 1.0)
 
-    def objective(self, delta: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every loss term (unweighted) at perturbation delta on pool draws idx; the hot path, one U-Net batch."""
-        x_adv = self.adversarial(delta)
-        x16 = resample(x_adv, DIFFVC_RATE, GE2E_RATE)
-        c = self.m.ge2e.embed(x16 * self.gain)
-        out: dict[str, torch.Tensor] = {}
-        if self.weights["id"] > 0:
-            terms = [identity_loss(c if e is self.m.ge2e else e.embed(x16), clean, cent)
-                     for e, clean, cent in zip(self.id_encoders, self.emb_clean, self.centroids, strict=True)]
-            out["id"] = torch.stack(terms).mean()
-        if any(self.weights[k] > 0 for k in ("ctx", "score", "sem")):
-            pool = self.pool.take(idx)
-            mel = diffvc_mel(x_adv)
-            ref = (mel, self.m.diffvc.average_voice(mel, self.ref_mask), c)
-            score, internals = self._score(ref, pool)
-            if self.weights["ctx"] > 0:
-                out["ctx"] = context_loss(pool.logp_ref, summed_context(internals))
-            if self.weights["score"] > 0:
-                out["score"] = score_loss(score, pool.mask)
-            if self.weights["sem"] > 0:
-                out["sem"] = semantic_loss(internals.features, pool.feat_clean, pool.feat_noise)
-        return out
+    def next_indices(self, iteration: int) -> torch.Tensor:
+        """Pool draws of one iteration: a fixed per-window permutation walked `repeats` at a time."""
+        p = self.pool.t.shape[0]
+        start = (iteration * self.cfg.repeats) % p
+        return self.order[start:start + self.cfg.repeats]
 
-    def total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.weights[k] * v for k, v in losses.items())  # type: ignore[return-value]
 
-    def run(self, on_iter: Callable[[int, dict[str, float]], None], cancel: CancelToken | None,
-            gen: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
-        cfg = self.cfg
-        pool_size = self.pool.t.shape[0]
-        order = torch.randperm(pool_size, generator=gen).to(self.dev)
-        delta = torch.zeros_like(self.x)
-        first = order[: cfg.repeats]
-        history = []
-        for it in range(cfg.iterations):
-            if cancel is not None and cancel.cancelled:
-                raise Cancelled("protection cancelled")
-            start = (it * cfg.repeats) % pool_size
-            idx = order[start:start + cfg.repeats]
-            delta.requires_grad_(True)
-            losses = self.objective(delta, idx)
-            grad, = torch.autograd.grad(self.total(losses), delta)
-            with torch.no_grad():
-                delta = delta.detach() + cfg.step_size * grad.sign()
-                delta = delta.clamp(-cfg.epsilon, cfg.epsilon)
-                delta = (self.x + delta).clamp(-1.0, 1.0) - self.x
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            history.append(values)
-            on_iter(it, values)
-        with torch.no_grad():
-            start_l = {k: float(v) for k, v in self.objective(torch.zeros_like(self.x), first).items()}
-            end_l = {k: float(v) for k, v in self.objective(delta, first).items()}
-        return delta.detach()[0], {"losses_start": start_l, "losses_end": end_l, "history": history,
-                                   "gender": self.sex, "opposite_speaker": self.opposite.name}
+def objective(attacks: list[WindowAttack], deltas: torch.Tensor,
+              idxs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Every loss term (unweighted) of several windows (of any jobs with equal window length) at their
+    perturbations `deltas` (J, N) on their pool draws: one GE2E/encoder batch of J, one U-Net batch of sum(R).
+    Jobs do not interact (no batch statistics anywhere), so each job's gradient is its own."""
+    a0 = attacks[0]
+    m, dev = a0.m, a0.dev
+    x_adv = torch.cat([a.adversarial(d[None]) for a, d in zip(attacks, deltas, strict=True)])
+    x16 = resample(x_adv, DIFFVC_RATE, GE2E_RATE)
+    gains = torch.tensor([a.gain for a in attacks], device=dev, dtype=x16.dtype)[:, None]
+    c = m.ge2e.embed(x16 * gains)
+    out: list[dict[str, torch.Tensor]] = [{} for _ in attacks]
+    want = {k: any(a.weights[k] > 0 for a in attacks) for k in LOSS_NAMES}
+    if want["id"]:
+        embs = [c if e is m.ge2e else e.embed(x16) for e in a0.id_encoders]
+        for j, a in enumerate(attacks):
+            terms = [identity_loss(emb[j:j + 1], clean, cent)
+                     for emb, clean, cent in zip(embs, a.emb_clean, a.centroids, strict=True)]
+            out[j]["id"] = torch.stack(terms).mean()
+    if want["ctx"] or want["score"] or want["sem"]:
+        pools = [a.pool.take(i) for a, i in zip(attacks, idxs, strict=True)]
+        counts = [p.t.shape[0] for p in pools]
+        pool = _Pool.cat(pools)
+        mel = diffvc_mel(x_adv)
+        mask = torch.ones(mel.shape[0], 1, mel.shape[-1], device=dev)
+        mean_ref = m.diffvc.average_voice(mel, mask)
+        rep = torch.repeat_interleave(torch.arange(len(attacks), device=dev), torch.tensor(counts, device=dev))
+        score, internals = _score(m, (mel[rep], mean_ref[rep], c[rep]), pool)
+        ctx = summed_context(internals) if want["ctx"] else None
+        offsets = [0, *np.cumsum(counts).tolist()]
+        for j in range(len(attacks)):
+            sl = slice(offsets[j], offsets[j + 1])
+            if want["ctx"]:
+                out[j]["ctx"] = context_loss(pool.logp_ref[sl], ctx[sl])
+            if want["score"]:
+                out[j]["score"] = score_loss(score[sl], pool.mask[sl])
+            if want["sem"]:
+                out[j]["sem"] = semantic_loss({k: v[sl] for k, v in internals.features.items()},
+                                              {k: v[sl] for k, v in pool.feat_clean.items()},
+                                              {k: v[sl] for k, v in pool.feat_noise.items()})
+    return out
+
+
+def _score(m: Models, ref: tuple[torch.Tensor, ...], pool: _Pool) -> tuple[torch.Tensor, ScoreInternals]:
+    """U-Net pass for pool draws with per-row references (mel, mean_ref, c), each of batch = len(pool)."""
+    mel, mean_ref, c = ref
+    b = pool.t.shape[0]
+    mask = torch.ones(b, 1, mel.shape[-1], device=mel.device)
+    xt_ref = m.diffvc.diffused_reference(mel, mask, mean_ref, pool.t).unsqueeze(1)
+    return m.diffvc.score(pool.x_t, pool.mask, pool.mean, xt_ref, mask, c, pool.t, return_internals=True)
+
+
+def pgd_step(jobs: list[ProtectionJob]) -> None:
+    """One PGD iteration for every job in the group (equal window lengths), sharing one U-Net batch."""
+    attacks = [j.attack for j in jobs]
+    deltas = torch.stack([j.delta for j in jobs]).requires_grad_(True)
+    idxs = [a.next_indices(j.iteration) for a, j in zip(attacks, jobs, strict=True)]
+    losses = objective(attacks, deltas, idxs)
+    total = sum(sum(a.weights[k] * v for k, v in ls.items()) for a, ls in zip(attacks, losses, strict=True))
+    grad, = torch.autograd.grad(total, deltas)
+    with torch.no_grad():
+        for j, job in enumerate(jobs):
+            cfg = job.cfg
+            d = (job.delta + cfg.step_size * grad[j].sign()).clamp(-cfg.epsilon, cfg.epsilon)
+            job.delta = (job.attack.x[0] + d).clamp(-1.0, 1.0) - job.attack.x[0]
+            job.after_step({k: float(v.detach()) for k, v in losses[j].items()})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -264,7 +300,7 @@ def crossfade_weights(plan: list[tuple[int, int]], n: int) -> list[torch.Tensor]
     """Per-window weights that sum to one everywhere: linear ramps where windows overlap."""
     cover = torch.zeros(n, dtype=torch.float64)
     raw = [torch.ones(b - a, dtype=torch.float64) for a, b in plan]
-    for i, (a, b) in enumerate(plan):
+    for i, (a, _) in enumerate(plan):
         if i > 0 and plan[i - 1][1] > a:  # ramp in over the overlap with the previous window
             ov = plan[i - 1][1] - a
             ramp = (torch.arange(ov, dtype=torch.float64) + 0.5) / ov
@@ -276,75 +312,160 @@ def crossfade_weights(plan: list[tuple[int, int]], n: int) -> list[torch.Tensor]
     return [w.float() for w in raw]
 
 
+class ProtectionJob:
+    """One protection as a resumable state machine (windows x iterations), so a scheduler can step several
+    jobs together: `run_jobs` groups jobs whose current windows have equal shapes into one `pgd_step`."""
+
+    def __init__(self, audio: np.ndarray, sample_rate: int, models: Models, config: ProtectConfig | None = None,
+                 progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> None:
+        self.cfg = config or ProtectConfig()
+        self.models = models
+        self.samples = validate_samples(audio, sample_rate, name="input audio")
+        self.sample_rate = sample_rate
+        self.progress = progress
+        self.cancel = cancel
+        self.t0 = time.perf_counter()
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        mono = self.samples if self.samples.ndim == 1 else self.samples.mean(axis=1)
+        self.x22 = resample(torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)), sample_rate, DIFFVC_RATE)
+        n22 = self.x22.shape[-1]
+        window = max(DIFFVC_HOP * 32, int(self.cfg.window_seconds * DIFFVC_RATE) // DIFFVC_HOP * DIFFVC_HOP)
+        self.plan = window_plan(n22, window, int(self.cfg.overlap_seconds * DIFFVC_RATE))
+        self.weights = crossfade_weights(self.plan, n22)
+        self.delta22 = torch.zeros(n22)
+        self.window = 0
+        self.iteration = 0
+        self.attack: WindowAttack | None = None
+        self.delta = torch.zeros(0)
+        self.first_idx = torch.zeros(0, dtype=torch.long)
+        self.per_window: list[dict[str, Any]] = []
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def done(self) -> bool:
+        return self.window >= len(self.plan)
+
+    @property
+    def total_iterations(self) -> int:
+        return len(self.plan) * self.cfg.iterations
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.cancelled:
+            raise Cancelled("protection cancelled")
+
+    def prepare(self) -> WindowAttack:
+        """Build (once per window) the current window's attack: the expensive, gradient-free set-up."""
+        if self.attack is None:
+            a, b = self.plan[self.window]
+            seg = self.x22[a:b]
+            if seg.shape[-1] < DIFFVC_HOP * 16:  # too short for the U-Net: pad with silence for the attack
+                seg = torch.nn.functional.pad(seg, (0, DIFFVC_HOP * 16 - seg.shape[-1]))
+            self.attack = WindowAttack(self.models, self.cfg, seg, self.sample_rate, self.gen)
+            self.delta = torch.zeros_like(self.attack.x[0])
+            self.first_idx = self.attack.next_indices(0)
+            self.history = []
+            self.iteration = 0
+        return self.attack
+
+    @property
+    def bucket(self) -> tuple[Any, ...]:
+        """Jobs with equal buckets can share one U-Net batch."""
+        a = self.prepare()
+        return (a.x.shape[-1], self.cfg.source_frames, self.cfg.id_encoders)
+
+    def after_step(self, losses: dict[str, float]) -> None:
+        self.history.append(losses)
+        self.iteration += 1
+        if self.progress is not None:
+            done = self.window * self.cfg.iterations + self.iteration
+            elapsed = time.perf_counter() - self.t0
+            self.progress(Progress(self.window, len(self.plan), self.iteration, self.cfg.iterations, losses,
+                                   elapsed, elapsed / max(done, 1) * (self.total_iterations - done)))
+        if self.iteration >= self.cfg.iterations:
+            self._finish_window()
+
+    def _finish_window(self) -> None:
+        attack = self.prepare()
+        zero = torch.zeros_like(self.delta)
+        with torch.no_grad():
+            start, end = objective([attack, attack], torch.stack([zero, self.delta]), [self.first_idx] * 2)
+        a, b = self.plan[self.window]
+        d = self.delta.detach().cpu()
+        full = torch.zeros(b - a)
+        full[: min(d.shape[-1], b - a)] = d[: b - a]
+        self.delta22[a:b] += full * self.weights[self.window]
+        self.per_window.append({"losses_start": {k: float(v) for k, v in start.items()},
+                                "losses_end": {k: float(v) for k, v in end.items()},
+                                "history": self.history, "gender": attack.sex,
+                                "opposite_speaker": attack.opposite.name})
+        self.attack = None
+        self.window += 1
+
+    def result(self) -> ProtectResult:
+        if not self.done:
+            raise RuntimeError("protection job is not finished")
+        cfg, samples = self.cfg, self.samples
+        delta = resample(self.delta22, DIFFVC_RATE, self.sample_rate)
+        frames = samples.shape[0]
+        if delta.shape[-1] < frames:
+            delta = torch.nn.functional.pad(delta, (0, frames - delta.shape[-1]))
+        delta = delta[:frames].clamp(-cfg.epsilon, cfg.epsilon).numpy().astype(np.float32)
+        out = np.clip(samples + (delta if samples.ndim == 1 else delta[:, None]), -1.0, 1.0).astype(np.float32)
+        diff = out.astype(np.float64) - samples.astype(np.float64)
+        signal = float(np.sum(samples.astype(np.float64) ** 2))
+        snr = 10 * math.log10(max(signal, 1e-20) / max(float(np.sum(diff**2)), 1e-20))
+
+        def mean_of(key: str) -> dict[str, float]:
+            return {k: float(np.mean([w[key][k] for w in self.per_window])) for k in self.per_window[0][key]}
+
+        metrics: dict[str, Any] = {
+            "snr_db": snr,
+            "linf": float(np.max(np.abs(diff))),
+            "losses_start": mean_of("losses_start"),
+            "losses_end": mean_of("losses_end"),
+            "iterations": cfg.iterations,
+            "windows": len(self.plan),
+            "seconds": time.perf_counter() - self.t0,
+            "gender": self.per_window[0]["gender"],
+            "opposite_speaker": self.per_window[0]["opposite_speaker"],
+            "history": [w["history"] for w in self.per_window],
+            "model": self.models.diffvc_id,
+            "config": cfg.to_dict(),
+        }
+        return ProtectResult(out, self.sample_rate, metrics)
+
+
+def run_jobs(jobs: list[ProtectionJob], max_batch: int = 8) -> None:
+    """Step every job to completion; jobs whose current windows share a bucket go through one U-Net batch.
+    A cancelled job raises Cancelled out of here only when it is the sole job; otherwise it is dropped and
+    its token stays set for the caller to see."""
+    active = list(jobs)
+    while active:
+        for job in list(active):
+            if job.cancel is not None and job.cancel.cancelled:
+                active.remove(job)
+                if len(jobs) == 1:
+                    job.check_cancel()
+        groups: dict[tuple[Any, ...], list[ProtectionJob]] = {}
+        for job in active:
+            groups.setdefault(job.bucket, []).append(job)
+        for group in groups.values():
+            for i in range(0, len(group), max_batch):
+                pgd_step(group[i:i + max_batch])
+        active = [j for j in active if not j.done]
+
+
 def protect(audio: np.ndarray, sample_rate: int, models: Models | None = None, config: ProtectConfig | None = None,
             progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> ProtectResult:
     """Cloak a recording: returns audio of the same shape and rate with |output - input| <= epsilon."""
-    cfg = config or ProtectConfig()
     if models is None:
         from .bundle import load_models
 
         models = load_models()
-    samples = validate_samples(audio, sample_rate, name="input audio")
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    mono = samples if samples.ndim == 1 else samples.mean(axis=1)
-    x = torch.from_numpy(mono.astype(np.float64)).float()
-    x22 = resample(x, sample_rate, DIFFVC_RATE)
-    n22 = x22.shape[-1]
-    window = max(DIFFVC_HOP * 32, int(cfg.window_seconds * DIFFVC_RATE) // DIFFVC_HOP * DIFFVC_HOP)
-    overlap = int(cfg.overlap_seconds * DIFFVC_RATE)
-    plan = window_plan(n22, window, overlap)
-    weights = crossfade_weights(plan, n22)
-    delta22 = torch.zeros(n22)
-    per_window = []
-    total_iters = max(1, len(plan) * cfg.iterations)
-
-    for w_i, (a, b) in enumerate(plan):
-        seg = x22[a:b]
-        if seg.shape[-1] < DIFFVC_HOP * 16:  # too short for the U-Net: pad with silence for the attack
-            seg = torch.nn.functional.pad(seg, (0, DIFFVC_HOP * 16 - seg.shape[-1]))
-        attack = WindowAttack(models, cfg, seg, sample_rate, gen)
-
-        def on_iter(it: int, losses: dict[str, float], w_i: int = w_i) -> None:
-            if progress is None:
-                return
-            done = w_i * cfg.iterations + it + 1
-            elapsed = time.perf_counter() - t0
-            progress(Progress(w_i, len(plan), it + 1, cfg.iterations, losses, elapsed,
-                              elapsed / done * (total_iters - done)))
-
-        d, info = attack.run(on_iter, cancel, gen)
-        d = d.cpu()
-        full = torch.zeros(b - a)
-        full[: min(d.shape[-1], b - a)] = d[: b - a]
-        delta22[a:b] += full * weights[w_i]
-        per_window.append(info)
-
-    delta = resample(delta22, DIFFVC_RATE, sample_rate)
-    frames = samples.shape[0]
-    if delta.shape[-1] < frames:
-        delta = torch.nn.functional.pad(delta, (0, frames - delta.shape[-1]))
-    delta = delta[:frames].clamp(-cfg.epsilon, cfg.epsilon).numpy().astype(np.float32)
-    out = samples + (delta if samples.ndim == 1 else delta[:, None])
-    out = np.clip(out, -1.0, 1.0).astype(np.float32)
-    diff = out.astype(np.float64) - samples.astype(np.float64)
-    snr = 10 * math.log10(max(float(np.sum(samples.astype(np.float64) ** 2)), 1e-20) /
-                          max(float(np.sum(diff**2)), 1e-20))
-    mean_losses = {k: float(np.mean([w["losses_end"][k] for w in per_window])) for k in per_window[0]["losses_end"]}
-    metrics: dict[str, Any] = {
-        "snr_db": snr,
-        "linf": float(np.max(np.abs(diff))),
-        "losses_start": {k: float(np.mean([w["losses_start"][k] for w in per_window]))
-                         for k in per_window[0]["losses_start"]},
-        "losses_end": mean_losses,
-        "iterations": cfg.iterations,
-        "windows": len(plan),
-        "seconds": time.perf_counter() - t0,
-        "gender": per_window[0]["gender"],
-        "opposite_speaker": per_window[0]["opposite_speaker"],
-        "history": [w["history"] for w in per_window],
-        "model": models.diffvc_id,
-        "config": cfg.to_dict(),
-        "loss_names": list(LOSS_NAMES),
-    }
-    return ProtectResult(out, sample_rate, metrics)
+    job = ProtectionJob(audio, sample_rate, models, config, progress, cancel)
+    if job.cfg.iterations == 0:
+        while not job.done:
+            job.prepare()
+            job._finish_window()
+    run_jobs([job])
+    return job.result()

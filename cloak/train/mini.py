@@ -37,7 +37,7 @@ from .targets import average_voice_target, speaker_stats
 log = logging.getLogger("cloak.train")
 
 MINI_CONFIG = DiffVCConfig(n_feats=80, channels=128, filters=512, heads=2, layers=4, kernel=3, dropout=0.1,
-                           window_size=4, enc_dim=32, spk_dim=64, use_ref_t=True, dec_dim=32,
+                           window_size=4, enc_dim=16, spk_dim=32, use_ref_t=True, dec_dim=32,
                            beta_min=0.05, beta_max=20.0)
 VAL_SPEAKERS = ("vctk_p225", "librispeech_3080", "librispeech_2414")  # F, F, M; from shared/corpus
 
@@ -45,8 +45,8 @@ VAL_SPEAKERS = ("vctk_p225", "librispeech_3080", "librispeech_2414")  # F, F, M;
 @dataclass
 class TrainSettings:
     seed: int = 1234
-    enc_steps: int = 3000
-    enc_batch: int = 16
+    enc_steps: int = 1000
+    enc_batch: int = 8
     enc_frames: int = 128
     enc_lr: float = 5e-4
     dec_steps: int = 40000
@@ -54,7 +54,15 @@ class TrainSettings:
     dec_frames: int = 64
     dec_lr: float = 2e-4
     ckpt_every: int = 250
-    bf16: bool = True
+    bf16: bool = False  # only where the CPU has native bf16 (AMX / AVX512-BF16); emulated bf16 is ~20x slower
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def _seed_all(seed: int) -> None:
@@ -288,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
-    st = TrainSettings(dec_steps=a.dec_steps)
+    st = TrainSettings(dec_steps=a.dec_steps, bf16=cpu_has_native_bf16())
+    log.info("settings %s", st)
     cache = Path(a.cache)
     t_end = time.time() + a.hours * 3600
     data = prepare([Path(r) for r in a.data], cache)

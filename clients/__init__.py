@@ -1,0 +1,1 @@
+"""Front-ends of VoiceCloak: the `cloak` command line (clients.cli)."""

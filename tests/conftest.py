@@ -1,0 +1,70 @@
+"""Shared fixtures: real corpus speech and a small DiffVC with the official layout at tiny widths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+TINY = dict(channels=32, filters=64, heads=2, layers=2, enc_dim=16, spk_dim=16, dec_dim=16)
+
+
+def corpus_file(speaker: str = "vctk_p226", index: int = 0) -> Path:
+    files = sorted((CORPUS / speaker).iterdir())
+    return files[index]
+
+
+def corpus_clip(speaker: str = "vctk_p226", index: int = 0, seconds: float | None = None) -> tuple[np.ndarray, int]:
+    x, sr = sf.read(str(corpus_file(speaker, index)), dtype="float32")
+    if seconds is not None:
+        x = x[: int(seconds * sr)]
+    return x, sr
+
+
+def to_rate(x: np.ndarray, sr: int, new_sr: int) -> np.ndarray:
+    from scipy.signal import resample_poly
+
+    g = np.gcd(sr, new_sr)
+    return resample_poly(x, new_sr // g, sr // g).astype(np.float32)
+
+
+def tiny_diffvc(seed: int = 0, gate: float = 0.5):
+    from cloak.models import DiffVC
+
+    torch.manual_seed(seed)
+    m = DiffVC(**TINY)
+    with torch.no_grad():  # a fresh DiffVC has all Rezero gates at 0: open them so attention matters
+        for name, p in m.named_parameters():
+            if name.endswith(".g"):
+                p.fill_(gate)
+    return m.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not CORPUS.is_dir():
+        pytest.skip(f"shared corpus not found at {CORPUS}")
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def tiny_models(corpus):
+    from cloak.bank import VoiceBank
+    from cloak.bundle import Models
+    from cloak.models import GE2E
+
+    return Models(diffvc=tiny_diffvc(), ge2e=GE2E.load(), bank=VoiceBank(), device=torch.device("cpu"))
+
+
+@pytest.fixture()
+def tiny_bundle(tmp_path):
+    """A model bundle directory holding a tiny cloak-format DiffVC checkpoint."""
+    m = tiny_diffvc()
+    d = tmp_path / "bundle"
+    d.mkdir()
+    torch.save({"config": m.config.to_dict(), "state_dict": m.state_dict(), "meta": {}}, d / "diffvc.pt")
+    return d

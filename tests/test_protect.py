@@ -1,0 +1,138 @@
+"""The PGD engine on real speech with a small DiffVC of the official architecture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import corpus_clip, to_rate
+
+from cloak import AudioError, Cancelled, CancelToken, ConfigError, ProtectConfig, protect
+from cloak.protect import ProtectionJob, crossfade_weights, run_jobs, window_plan
+
+FAST = dict(iterations=6, repeats=2, t_adv=3, source_frames=48, gender="male")
+
+
+@pytest.fixture(scope="module")
+def stereo48():
+    x, sr = corpus_clip("vctk_p226", 0, seconds=2.0)
+    x48 = to_rate(x, sr, 48000)
+    return np.stack([x48, 0.6 * x48], 1), 48000
+
+
+def test_protect_48k_stereo_keeps_format_budget_and_image(tiny_models, stereo48):
+    audio, sr = stereo48
+    cfg = ProtectConfig(**FAST, epsilon=0.002, step_size=4e-4, seed=3)
+    events = []
+    r = protect(audio, sr, tiny_models, cfg, progress=events.append)
+    assert r.audio.shape == audio.shape and r.audio.dtype == np.float32 and r.sample_rate == sr
+    assert np.isfinite(r.audio).all() and np.abs(r.audio).max() <= 1.0
+    d = r.audio.astype(np.float64) - audio
+    assert 0 < np.abs(d).max() <= cfg.epsilon + 1e-7
+    np.testing.assert_allclose(d[:, 0], d[:, 1], atol=1e-7)  # one common-mode delta: the image is kept
+    assert r.metrics["linf"] == pytest.approx(np.abs(d).max())
+    assert r.metrics["snr_db"] > 20
+    assert [e.iteration for e in events] == list(range(1, cfg.iterations + 1))
+    assert set(events[-1].losses) == {"id", "ctx", "score", "sem"}
+    assert events[-1].eta_s == pytest.approx(0.0, abs=1e-6)
+
+
+def test_each_loss_term_grows(tiny_models, stereo48):
+    audio, sr = stereo48
+    cfg = ProtectConfig(**{**FAST, "iterations": 10}, epsilon=0.01, step_size=1e-3, seed=1)
+    r = protect(audio, sr, tiny_models, cfg)
+    start, end = r.metrics["losses_start"], r.metrics["losses_end"]
+    for k in ("id", "ctx", "score", "sem"):
+        assert end[k] > start[k], (k, start[k], end[k])
+
+
+def test_seed_makes_runs_bit_identical(tiny_models):
+    x, sr = corpus_clip("librispeech_1998", 0, seconds=1.5)
+    cfg = ProtectConfig(**{**FAST, "iterations": 3}, seed=11)
+    a = protect(x, sr, tiny_models, cfg).audio
+    b = protect(x, sr, tiny_models, cfg).audio
+    c = protect(x, sr, tiny_models, cfg.with_(seed=12)).audio
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.shape == x.shape
+
+
+def test_long_clip_is_windowed_and_crossfaded(tiny_models):
+    parts = [corpus_clip("librispeech_1688", i)[0] for i in (2, 3, 4)]
+    x = np.concatenate(parts)
+    sr = 16000
+    cfg = ProtectConfig(**{**FAST, "iterations": 2}, window_seconds=3.0, overlap_seconds=0.5)
+    r = protect(x, sr, tiny_models, cfg)
+    n22 = int(len(x) * 22050 / 16000)
+    assert r.metrics["windows"] == len(window_plan(n22 // 1, int(3.0 * 22050) // 256 * 256, int(0.5 * 22050)))
+    assert r.metrics["windows"] >= 3
+    d = r.audio - x
+    assert r.audio.shape == x.shape and np.abs(d).max() <= cfg.epsilon + 1e-7
+    quarter = len(x) // 4
+    assert all(np.abs(d[i * quarter:(i + 1) * quarter]).max() > 0 for i in range(4))
+
+
+def test_crossfade_weights_partition_unity():
+    plan = window_plan(1000, 300, 50)
+    assert plan[0][0] == 0 and plan[-1][1] == 1000
+    w = crossfade_weights(plan, 1000)
+    total = torch.zeros(1000)
+    for (a, b), wi in zip(plan, w, strict=True):
+        total[a:b] += wi
+        assert (wi >= 0).all() and (wi <= 1).all()
+    assert torch.allclose(total, torch.ones(1000))
+
+
+def test_cancel_stops_within_an_iteration(tiny_models):
+    x, sr = corpus_clip("vctk_p227", 0, seconds=1.5)
+    token = CancelToken()
+    seen = []
+
+    def progress(p):
+        seen.append(p.iteration)
+        if p.iteration == 2:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        protect(x, sr, tiny_models, ProtectConfig(**FAST), progress=progress, cancel=token)
+    assert seen == [1, 2]
+
+
+def test_jobs_batched_together_match_jobs_run_alone(tiny_models):
+    x1, sr = corpus_clip("vctk_p228", 0, seconds=1.5)
+    x2, _ = corpus_clip("vctk_p225", 1, seconds=1.5)
+    cfg = ProtectConfig(**{**FAST, "iterations": 3})
+    alone = [protect(x, sr, tiny_models, cfg.with_(seed=s)).audio for x, s in ((x1, 1), (x2, 2))]
+    jobs = [ProtectionJob(x, sr, tiny_models, cfg.with_(seed=s)) for x, s in ((x1, 1), (x2, 2))]
+    assert jobs[0].bucket == jobs[1].bucket
+    run_jobs(jobs, max_batch=2)
+    for job, ref in zip(jobs, alone, strict=True):
+        np.testing.assert_allclose(job.result().audio, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros(0, np.float32), "empty"),
+    (np.full(16000, np.nan, np.float32), "NaN"),
+    (np.zeros((16000, 9), np.float32), "channels"),
+])
+def test_bad_audio_is_refused(tiny_models, bad, match):
+    with pytest.raises(AudioError, match=match):
+        protect(bad, 16000, tiny_models, ProtectConfig(**FAST))
+
+
+def test_bad_rate_and_settings_are_refused(tiny_models):
+    x, _ = corpus_clip("vctk_p225", 0, seconds=1.0)
+    with pytest.raises(AudioError, match="rate"):
+        protect(x, 500, tiny_models, ProtectConfig(**FAST))
+    with pytest.raises(ConfigError, match="epsilon"):
+        ProtectConfig(epsilon=-1)
+    with pytest.raises(ConfigError, match="id_encoders"):
+        ProtectConfig(id_encoders=("xvector",))
+    with pytest.raises(ConfigError, match="unknown"):
+        ProtectConfig.from_dict({"epsilon": 0.002, "lr": 1})
+
+
+def test_losses_switch_off_for_ablation(tiny_models):
+    x, sr = corpus_clip("vctk_p225", 0, seconds=1.0)
+    r = protect(x, sr, tiny_models, ProtectConfig(**{**FAST, "iterations": 2}, losses=("id",)))
+    assert set(r.metrics["losses_end"]) == {"id"}
