@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import glob
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -1087,15 +1086,15 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- clone
-# Registered only when cloak.clone exists. Contract expected from it:
-#     clone_files(sources, reference, output=None, *, models, overwrite=False, **options) -> list[dict]
-# (one dict per written file, printed with --json). Only the keyword arguments its signature accepts are passed.
 
 CLONE_EPILOG = f"""\
 examples:
-  cloak clone source.wav --reference voice.wav                     convert source.wav to the voice of voice.wav
-  cloak clone source.wav --reference voice.cloaked.wav -o out.wav  check that a cloaked reference resists
-  cloak clone a.wav b.wav --reference voice.wav -o clones/ --json
+  cloak clone --source src.wav --reference voice.wav -o out.wav       convert src.wav to the voice of voice.wav
+  cloak clone --source src.wav --reference voice.cloaked.wav -o c.wav  check that a cloaked reference resists
+  cloak clone a.wav b.wav --reference voice.wav -o clones/ --json      several sources into a directory
+  cloak clone --source src.wav --reference voice.wav --steps 100 --mode em --seed 3 --no-postfilter
+
+Outputs are float32 WAV at 22.05 kHz (DiffVC + HiFi-GAN V1; needs the vocoder from `pip install 'voicecloak[eval]'`).
 
 {EXIT_CODES_HELP}
 """
@@ -1113,11 +1112,14 @@ def register_clone(subparsers: Any) -> argparse.ArgumentParser:
                               description="Convert SOURCE recordings to the voice of a REFERENCE recording with "
                                           "DiffVC, the attack VoiceCloak defends against.",
                               epilog=CLONE_EPILOG, formatter_class=_Formatter)
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="what to say (audio file)")
+    p.add_argument("sources", nargs="*", metavar="SOURCE", help="what to say (audio files)")
+    p.add_argument("--source", action="append", default=[], metavar="SRC", help="a source file (repeatable)")
     p.add_argument("--reference", required=True, metavar="REF", help="whose voice (audio file, cloaked or not)")
     p.add_argument("-o", "--output", metavar="OUT|DIR", help="output file (one source) or directory")
-    p.add_argument("--steps", type=int, metavar="N", help="reverse diffusion steps")
-    p.add_argument("--seed", type=int, metavar="N", help="random seed")
+    p.add_argument("--steps", type=int, default=30, metavar="N", help="reverse diffusion steps (default 30)")
+    p.add_argument("--mode", choices=["ml", "em", "pf"], default="ml", help="sampler (default ml, DiffVC's)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+    p.add_argument("--no-postfilter", action="store_true", help="skip the mel spectral-subtraction post-filter")
     p.add_argument("-f", "--force", action="store_true", help="replace existing output files")
     p.add_argument("--json", action="store_true", help="one JSON object per output on stdout")
     _add_common_model_args(p)
@@ -1125,26 +1127,27 @@ def register_clone(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_clone(args: argparse.Namespace) -> int:
-    from cloak import clone as clone_mod  # type: ignore[attr-defined]
+    from cloak.clone import clone_files
 
+    sources = [Path(s) for s in [*args.sources, *args.source]]
+    if not sources:
+        print("cloak clone: give at least one source (--source SRC or positional)", file=sys.stderr)
+        return EXIT_USAGE
+    if len(sources) > 1 and args.output is not None and Path(args.output).suffix:
+        print("cloak clone: several sources need an output directory (-o DIR), not a file", file=sys.stderr)
+        return EXIT_USAGE
     settings = resolve_settings(args, protect_fields=False)
     token = CancelToken()
     with cancel_on_sigint(token):
         models = _load_models(settings)
-        options: dict[str, Any] = {"models": models, "overwrite": args.force, "steps": args.steps,
-                                   "seed": args.seed, "cancel": token, "device": settings.device}
-        fn = clone_mod.clone_files
-        params = inspect.signature(fn).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            options = {k: v for k, v in options.items() if k in params}
-        options = {k: v for k, v in options.items() if v is not None}
-        results = fn([Path(s) for s in args.sources], Path(args.reference),
-                     None if args.output is None else Path(args.output), **options)
-    for r in results or []:
+        results = clone_files(sources, Path(args.reference), None if args.output is None else Path(args.output),
+                              models=models, overwrite=args.force, steps=args.steps, mode=args.mode,
+                              seed=args.seed, postfilter=not args.no_postfilter, cancel=token)
+    for r in results:
         if args.json:
-            _json_line(r if isinstance(r, dict) else {"output": str(r)})
+            _json_line(r)
         else:
-            print(r.get("output", r) if isinstance(r, dict) else r)
+            print(r["output"])
     return EXIT_OK
 
 

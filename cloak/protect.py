@@ -135,11 +135,21 @@ class WindowAttack:
             self.id_encoders = models.speaker_encoders(cfg.id_encoders)
             self.emb_clean = [e.embed(x16 * self.gain if e is models.ge2e else x16) for e in self.id_encoders]
             sex = cfg.gender[0].upper() if cfg.gender != "auto" else \
-                models.bank.classify_sex(models.ge2e, self.emb_clean_ge2e(x16), self.dev)
+                models.bank.classify_sex(self.emb_clean_ge2e(x16))
             self.sex = sex
-            opp = models.bank.of_sex("F" if sex == "M" else "M")
-            self.opposite = opp[int(torch.randint(len(opp), (1,), generator=gen))]
-            self.centroids = [models.bank.centroid(e, self.opposite, self.dev) for e in self.id_encoders]
+            opp_sex = "F" if sex == "M" else "M"
+            if all(e is models.ge2e for e in self.id_encoders):
+                # GE2E only: one of the shipped opposite-sex centroids (embeddings of corpus-train speakers)
+                bank = models.bank.ge2e_bank
+                choice = bank.of_sex(opp_sex)[int(torch.randint(len(bank.of_sex(opp_sex)), (1,), generator=gen))]
+                self.opposite_name = bank.names[choice]
+                self.centroids = [bank.centroids[choice:choice + 1].to(self.dev)]
+            else:
+                # other encoders need audio: a voice-bank speaker, its centroid computed with each encoder
+                opp = models.bank.of_sex(opp_sex)
+                speaker = opp[int(torch.randint(len(opp), (1,), generator=gen))]
+                self.opposite_name = speaker.name
+                self.centroids = [models.bank.centroid(e, speaker, self.dev) for e in self.id_encoders]
             # the fixed pool of (t, source, x_t) draws, t stratified over the first t_adv sampler grid points
             grid = [1.0 - i / cfg.inference_steps for i in range(cfg.t_adv)]
             pool_size = pool_size_for(cfg)
@@ -397,7 +407,7 @@ class ProtectionJob:
         self.per_window.append({"losses_start": {k: float(v) for k, v in start.items()},
                                 "losses_end": {k: float(v) for k, v in end.items()},
                                 "history": self.history, "gender": attack.sex,
-                                "opposite_speaker": attack.opposite.name})
+                                "opposite_speaker": attack.opposite_name})
         self.attack = None
         self.window += 1
 

@@ -32,7 +32,8 @@ def to_rate(x: np.ndarray, sr: int, new_sr: int) -> np.ndarray:
     return resample_poly(x, new_sr // g, sr // g).astype(np.float32)
 
 
-def tiny_diffvc(seed: int = 0, gate: float = 0.5):
+def tiny_diffvc(seed: int = 0, gate: float = 0.5, tame: bool = False):
+    """tame=True: small gates and score, so that an untrained sampler does not diverge (for cloning tests)."""
     from cloak.models import DiffVC
 
     torch.manual_seed(seed)
@@ -40,7 +41,9 @@ def tiny_diffvc(seed: int = 0, gate: float = 0.5):
     with torch.no_grad():  # a fresh DiffVC has all Rezero gates at 0: open them so attention matters
         for name, p in m.named_parameters():
             if name.endswith(".g"):
-                p.fill_(gate)
+                p.fill_(0.01 if tame else gate)
+        if tame:
+            m.decoder.estimator.final_conv.weight.mul_(1e-3)
     return m.eval().requires_grad_(False)
 
 
@@ -60,11 +63,14 @@ def tiny_models(corpus):
     return Models(diffvc=tiny_diffvc(), ge2e=GE2E.load(), bank=VoiceBank(), device=torch.device("cpu"))
 
 
-@pytest.fixture()
-def tiny_bundle(tmp_path):
-    """A model bundle directory holding a tiny cloak-format DiffVC checkpoint."""
-    m = tiny_diffvc()
-    d = tmp_path / "bundle"
+def make_bundle(d: Path, tame: bool = False) -> Path:
+    m = tiny_diffvc(tame=tame)
     d.mkdir()
     torch.save({"config": m.config.to_dict(), "state_dict": m.state_dict(), "meta": {}}, d / "diffvc.pt")
     return d
+
+
+@pytest.fixture()
+def tiny_bundle(tmp_path):
+    """A model bundle directory holding a tiny cloak-format DiffVC checkpoint."""
+    return make_bundle(tmp_path / "bundle")
