@@ -151,7 +151,8 @@ def train_encoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
         enc.load_state_dict(ck["encoder"])
-        opt.load_state_dict(ck["opt"])
+        if ck["opt"] is not None:
+            opt.load_state_dict(ck["opt"])
         step = ck["step"]
         _set_rng_state(ck["rng"])
     else:
@@ -209,7 +210,8 @@ def compute_means(items: list[dict], cache: Path) -> Path:
     return out
 
 
-def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: float) -> None:
+def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: float,
+                  init: Path | None = None) -> None:
     ckpt_path = cache / "decoder.pt"
     means = torch.load(cache / "means.pt", weights_only=False)["means"]
     train = [(it, mu) for it, mu in zip(items, means, strict=True) if it["split"] == "train"]
@@ -225,6 +227,12 @@ def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
         gen.set_state(ck["gen"])
+    elif init is not None and init.is_file():  # continue from a shipped checkpoint (fresh optimiser state)
+        ck = torch.load(init, weights_only=True)
+        model.load_state_dict(ck["state_dict"])
+        step = int(ck["meta"].get("decoder_steps", 0))
+        gen.manual_seed(st.seed + step)
+        log.info("decoder initialised from %s at step %d", init, step)
     if step >= st.dec_steps:
         return
     rng = random.Random(st.seed * 7 + step)
@@ -292,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/mini/cloak-mini.pt")
     p.add_argument("--dec-steps", type=int, default=TrainSettings.dec_steps)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--init", default=None, help="continue the decoder from this exported checkpoint when the "
+                   "cache has no decoder state (e.g. cloak/data/cloak-mini.pt on a fresh machine)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.threads:
@@ -304,12 +314,18 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage == "prepare":
         return
     items = torch.load(data, weights_only=False)
+    if a.init and not (cache / "encoder.pt").exists():  # the decoder must keep the encoder it was trained with
+        ck = torch.load(a.init, weights_only=True)
+        model = DiffVC.from_config(MINI_CONFIG)
+        model.load_state_dict(ck["state_dict"])
+        _save(cache / "encoder.pt", {"encoder": model.encoder.state_dict(), "opt": None, "step": st.enc_steps,
+                                     "rng": _rng_state()})
     if a.stage in ("encoder", "all"):
         train_encoder(items, cache, st, t_end - time.time())
     if a.stage in ("means", "all"):
         compute_means(items, cache)
     if a.stage in ("decoder", "all"):
-        train_decoder(items, cache, st, t_end - time.time())
+        train_decoder(items, cache, st, t_end - time.time(), Path(a.init) if a.init else None)
     if a.stage in ("export", "all"):
         log.info("exported %s", export(cache, Path(a.out), st))
 
