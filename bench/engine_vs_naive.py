@@ -43,7 +43,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    dv = DiffVC(channels=128, filters=512, heads=2, layers=4, enc_dim=16, spk_dim=64, dec_dim=a.dec_dim)
+    dv = DiffVC(channels=128, filters=512, heads=2, layers=4, enc_dim=16, spk_dim=32, dec_dim=a.dec_dim)
     with torch.no_grad():
         for n, prm in dv.named_parameters():
             if n.endswith(".g"):
@@ -72,7 +72,7 @@ def main() -> None:
     res = {
         "bench": "engine_vs_naive", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": a.threads,
-        "clip_seconds": a.seconds, "model": {"dec_dim": a.dec_dim, "spk_dim": 64, "enc_dim": 16},
+        "clip_seconds": a.seconds, "model": {"dec_dim": a.dec_dim, "spk_dim": 32, "enc_dim": 16},
         "settings": {"iterations": a.iterations, "repeats": a.repeats, "t_adv": cfg.t_adv,
                      "source_frames": a.source_frames},
         "engine_setup_s": setup_engine, "engine_loop_s": engine_loop, "engine_total_s": setup_engine + engine_loop,

@@ -119,11 +119,17 @@ def ge2e_mel(wave_16k: torch.Tensor) -> torch.Tensor:
     return torch.matmul(basis, power).transpose(1, 2)
 
 
+@lru_cache(maxsize=32)
+def _resampler(orig_rate: int, new_rate: int, device: torch.device, dtype: torch.dtype) -> julius.ResampleFrac:
+    """The sinc kernels are built once per (rates, device, dtype): building them costs more than applying them."""
+    return julius.ResampleFrac(orig_rate, new_rate).to(device=device, dtype=dtype)
+
+
 def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
     """Band-limited (windowed sinc) resampling along the last axis; differentiable; identity when rates match."""
     if orig_rate == new_rate:
         return wave
-    return julius.resample_frac(wave, int(orig_rate), int(new_rate))
+    return _resampler(int(orig_rate), int(new_rate), wave.device, wave.dtype)(wave)
 
 
 def resampled_length(n: int, orig_rate: int, new_rate: int) -> int:

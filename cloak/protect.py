@@ -128,67 +128,77 @@ class WindowAttack:
         self.x = x22[:n].to(self.dev)[None]  # (1, N)
         self.n_frames = n // DIFFVC_HOP
         self.ref_mask = torch.ones(1, 1, self.n_frames, device=self.dev)
-        dv = models.diffvc
         with torch.no_grad():
             x16 = resample(self.x, DIFFVC_RATE, GE2E_RATE)
             self.gain = volume_gain(x16)
             self.id_encoders = models.speaker_encoders(cfg.id_encoders)
             self.emb_clean = [e.embed(x16 * self.gain if e is models.ge2e else x16) for e in self.id_encoders]
-            sex = cfg.gender[0].upper() if cfg.gender != "auto" else \
+            self.sex = cfg.gender[0].upper() if cfg.gender != "auto" else \
                 models.bank.classify_sex(self.emb_clean_ge2e(x16))
-            self.sex = sex
-            opp_sex = "F" if sex == "M" else "M"
-            if all(e is models.ge2e for e in self.id_encoders):
-                # GE2E only: one of the shipped opposite-sex centroids (embeddings of corpus-train speakers)
-                bank = models.bank.ge2e_bank
-                choice = bank.of_sex(opp_sex)[int(torch.randint(len(bank.of_sex(opp_sex)), (1,), generator=gen))]
-                self.opposite_name = bank.names[choice]
-                self.centroids = [bank.centroids[choice:choice + 1].to(self.dev)]
-            else:
-                # other encoders need audio: a voice-bank speaker, its centroid computed with each encoder
-                opp = models.bank.of_sex(opp_sex)
-                speaker = opp[int(torch.randint(len(opp), (1,), generator=gen))]
-                self.opposite_name = speaker.name
-                self.centroids = [models.bank.centroid(e, speaker, self.dev) for e in self.id_encoders]
-            # the fixed pool of (t, source, x_t) draws, t stratified over the first t_adv sampler grid points
-            grid = [1.0 - i / cfg.inference_steps for i in range(cfg.t_adv)]
-            pool_size = pool_size_for(cfg)
-            sources = models.bank.of_sex(sex)
-            mels = []
-            for _ in range(pool_size):
-                spk = sources[int(torch.randint(len(sources), (1,), generator=gen))]
-                mels.append(models.bank.source_mel(spk, cfg.source_frames, gen))
-            src = torch.stack(mels).to(self.dev)
-            mask = torch.ones(pool_size, 1, cfg.source_frames, device=self.dev)
-            t_index = torch.arange(pool_size, device=self.dev) % cfg.t_adv
-            t = torch.tensor(grid, device=self.dev)[t_index]
-            z = torch.randn(src.shape, generator=gen).to(self.dev)
-            mean = torch.cat([dv.average_voice(s, m) for s, m in zip(src.split(cfg.repeats),
-                                                                     mask.split(cfg.repeats), strict=True)])
-            x_t = dv.decoder.compute_diffused_mean(src, mask, mean, t) + z * torch.sqrt(dv.decoder.variance(t))
-            self.pool = _Pool(t, x_t * mask, mean, mask)
-            self.src, self.z = src, z
-            # clean-reference internals at every pool draw
-            ref = self._reference(self.x, x16 * self.gain)
-            self.pool.logp_ref, self.pool.feat_clean = self._internals(ref, self.pool)
-            # white-noise reference and source (same length and RMS as the clean window), fixed per job
-            rms = float(self.x.pow(2).mean().sqrt().clamp_min(1e-4))
-            noise = torch.randn(self.x.shape, generator=gen).to(self.dev) * rms
-            n16 = resample(noise, DIFFVC_RATE, GE2E_RATE)
-            noise_ref = self._reference(noise, n16 * volume_gain(n16))
-            nmel = noise_ref[0][..., : cfg.source_frames]
-            if nmel.shape[-1] < cfg.source_frames:
-                nmel = nmel.repeat(1, 1, math.ceil(cfg.source_frames / nmel.shape[-1]))[..., : cfg.source_frames]
-            nmean = dv.average_voice(nmel, mask[:1])
-            # noise features depend on t only: one noise draw per grid point, shared by the pool entries at that t
-            tg, zg, mg = t[: cfg.t_adv], z[: cfg.t_adv], mask[: cfg.t_adv]
-            nx_t = dv.decoder.compute_diffused_mean(nmel, mg, nmean, tg) + zg * torch.sqrt(dv.decoder.variance(tg))
-            self.noise_ref = noise_ref
-            self.noise_pool = _Pool(tg, nx_t * mg, nmean.expand(cfg.t_adv, -1, -1), mg)
-            _, noise_feats = self._internals(noise_ref, self.noise_pool)
-            self.pool.feat_noise = {k: v[t_index] for k, v in noise_feats.items()}
-            self.t_index = t_index
-        self.order = torch.randperm(pool_size, generator=gen).to(self.dev)
+            self._identity_targets(gen)
+            self._draw_pool(gen)
+            self.pool.logp_ref, self.pool.feat_clean = self._internals(self._reference(self.x, x16 * self.gain),
+                                                                       self.pool)
+            self._noise_features(gen)
+        self.order = torch.randperm(self.pool.t.shape[0], generator=gen).to(self.dev)
+
+    def _identity_targets(self, gen: torch.Generator) -> None:
+        """The opposite-sex centroid(s) L_ID pulls toward, one speaker drawn per window."""
+        models = self.m
+        opp_sex = "F" if self.sex == "M" else "M"
+        if all(e is models.ge2e for e in self.id_encoders):
+            # GE2E only: one of the shipped opposite-sex centroids (embeddings of corpus-train speakers)
+            bank = models.bank.ge2e_bank
+            candidates = bank.of_sex(opp_sex)
+            choice = candidates[int(torch.randint(len(candidates), (1,), generator=gen))]
+            self.opposite_name = bank.names[choice]
+            self.centroids = [bank.centroids[choice:choice + 1].to(self.dev)]
+        else:
+            # other encoders need audio: a voice-bank speaker, its centroid computed with each encoder
+            opp = models.bank.of_sex(opp_sex)
+            speaker = opp[int(torch.randint(len(opp), (1,), generator=gen))]
+            self.opposite_name = speaker.name
+            self.centroids = [models.bank.centroid(e, speaker, self.dev) for e in self.id_encoders]
+
+    def _draw_pool(self, gen: torch.Generator) -> None:
+        """Fixed (t, surrogate source, x_t) draws, t stratified over the first t_adv sampler grid points;
+        sources are voice-bank speakers of the protected speaker's sex."""
+        cfg, dv = self.cfg, self.m.diffvc
+        grid = [1.0 - i / cfg.inference_steps for i in range(cfg.t_adv)]
+        pool_size = pool_size_for(cfg)
+        sources = self.m.bank.of_sex(self.sex)
+        mels = []
+        for _ in range(pool_size):
+            spk = sources[int(torch.randint(len(sources), (1,), generator=gen))]
+            mels.append(self.m.bank.source_mel(spk, cfg.source_frames, gen))
+        src = torch.stack(mels).to(self.dev)
+        mask = torch.ones(pool_size, 1, cfg.source_frames, device=self.dev)
+        self.t_index = torch.arange(pool_size, device=self.dev) % cfg.t_adv
+        t = torch.tensor(grid, device=self.dev)[self.t_index]
+        z = torch.randn(src.shape, generator=gen).to(self.dev)
+        mean = torch.cat([dv.average_voice(s, m) for s, m in zip(src.split(cfg.repeats), mask.split(cfg.repeats),
+                                                                 strict=True)])
+        x_t = dv.decoder.compute_diffused_mean(src, mask, mean, t) + z * torch.sqrt(dv.decoder.variance(t))
+        self.pool = _Pool(t, x_t * mask, mean, mask)
+        self.src, self.z = src, z
+
+    def _noise_features(self, gen: torch.Generator) -> None:
+        """Up-path features with white noise (same length and RMS as the window) as both source and reference.
+        They depend on t only: one draw per grid point, shared by the pool entries at that t."""
+        cfg, dv, pool = self.cfg, self.m.diffvc, self.pool
+        rms = float(self.x.pow(2).mean().sqrt().clamp_min(1e-4))
+        noise = torch.randn(self.x.shape, generator=gen).to(self.dev) * rms
+        n16 = resample(noise, DIFFVC_RATE, GE2E_RATE)
+        self.noise_ref = self._reference(noise, n16 * volume_gain(n16))
+        nmel = self.noise_ref[0][..., : cfg.source_frames]
+        if nmel.shape[-1] < cfg.source_frames:
+            nmel = nmel.repeat(1, 1, math.ceil(cfg.source_frames / nmel.shape[-1]))[..., : cfg.source_frames]
+        tg, zg, mg = pool.t[: cfg.t_adv], self.z[: cfg.t_adv], pool.mask[: cfg.t_adv]
+        nmean = dv.average_voice(nmel, mg[:1])
+        nx_t = dv.decoder.compute_diffused_mean(nmel, mg, nmean, tg) + zg * torch.sqrt(dv.decoder.variance(tg))
+        self.noise_pool = _Pool(tg, nx_t * mg, nmean.expand(cfg.t_adv, -1, -1), mg)
+        _, feats = self._internals(self.noise_ref, self.noise_pool)
+        pool.feat_noise = {k: v[self.t_index] for k, v in feats.items()}
 
     def emb_clean_ge2e(self, x16: torch.Tensor) -> torch.Tensor:
         for e, emb in zip(self.id_encoders, self.emb_clean, strict=True):

