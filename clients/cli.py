@@ -3,6 +3,7 @@
     cloak protect IN... [-o OUT|DIR] [-r] [--force] [--json] [settings]   cloak recordings
     cloak models [list|verify]                                            show / check the model bundle
     cloak info                                                            versions, devices, paths
+    cloak serve [--listen ADDR] [--models DIR] [--token-file F] ...       the gRPC protection server
 
 Exit codes (the same for every subcommand):
 
@@ -13,11 +14,11 @@ Exit codes (the same for every subcommand):
     3    an input is not usable audio (missing, unreadable, empty, NaN samples, ...) or an output could not be
          written; the other files were still processed
     4    model bundle problem (directory missing, checkpoint missing or corrupt, SHA256SUMS mismatch)
-    5    server unavailable (reserved for remote mode)
+    5    server unavailable (remote mode: unreachable, bad token, queue full, draining)
     130  cancelled (Ctrl-C); the file being processed was abandoned, nothing partial was written
 
-Settings are resolved per field, first hit wins: command-line flags > environment variables (CLOAK_MODELS; the
-remote-mode variables CLOAK_SERVER / CLOAK_TOKEN_FILE are reserved) > config file (--config FILE, else
+Settings are resolved per field, first hit wins: command-line flags > environment variables (CLOAK_MODELS; in
+remote mode CLOAK_SERVER / CLOAK_TOKEN_FILE) > config file (--config FILE, else
 $XDG_CONFIG_HOME/voicecloak/config.toml or ~/.config/voicecloak/config.toml when present; JSON or TOML, keys =
 ProtectConfig field names plus `models` and `device`) > the paper's defaults (cloak.ProtectConfig).
 
@@ -31,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob
+import importlib
 import importlib.util
 import json
 import math
@@ -63,6 +66,8 @@ from cloak import (
 )
 from cloak.config import Gender
 
+from .remote import ServerUnavailable
+
 # --------------------------------------------------------------------------------------------- exit codes
 
 EXIT_OK = 0
@@ -80,7 +85,7 @@ exit codes:
   2    usage error or bad settings; nothing was processed
   3    an input is not usable audio or an output could not be written (other files still processed)
   4    model bundle problem (missing directory/checkpoint, corrupt file, SHA256SUMS mismatch)
-  5    server unavailable (reserved for remote mode)
+  5    server unavailable (remote mode: unreachable, bad token, queue full, draining)
   130  cancelled with Ctrl-C (no partial output is left behind)"""
 
 ENV_MODELS = "CLOAK_MODELS"
@@ -222,13 +227,37 @@ class Settings:
     sources: dict[str, str] = field(default_factory=dict)
 
 
-def _check_remote(args: argparse.Namespace) -> None:
-    given = [flag for flag, attr in (("--server", "server"), ("--token-file", "token_file"), ("--tls-ca", "tls_ca"))
-             if getattr(args, attr, None)]
-    if given:
-        raise UsageError(f"remote mode is not available yet ({', '.join(given)}); run without it to protect locally")
-    if os.environ.get(ENV_SERVER):
-        _err(f"warning: {ENV_SERVER} is set but remote mode is not available yet; processing locally")
+@dataclass
+class RemoteTarget:
+    server: str
+    token_file: str | None
+    tls_ca: str | None
+
+
+def _remote_target(args: argparse.Namespace) -> RemoteTarget | None:
+    """Remote mode when --server or CLOAK_SERVER is given (flags win over the environment)."""
+    server = getattr(args, "server", None) or os.environ.get(ENV_SERVER) or None
+    token_file = getattr(args, "token_file", None) or os.environ.get(ENV_TOKEN_FILE) or None
+    tls_ca = getattr(args, "tls_ca", None)
+    if server is None:
+        given = [f for f, v in (("--token-file", getattr(args, "token_file", None)), ("--tls-ca", tls_ca)) if v]
+        if given:
+            raise UsageError(f"{', '.join(given)} need(s) --server (or {ENV_SERVER})")
+        return None
+    if token_file is not None and not Path(token_file).expanduser().is_file():
+        raise UsageError(f"token file not found: {token_file}")
+    if tls_ca is not None and not Path(tls_ca).expanduser().is_file():
+        raise UsageError(f"--tls-ca: no such file: {tls_ca}")
+    return RemoteTarget(server, token_file, tls_ca)
+
+
+def _remote_protector(target: RemoteTarget) -> Any:
+    try:
+        from .remote import RemoteProtector, read_token
+    except ImportError as e:  # grpcio missing
+        raise UsageError(f"remote mode needs the server extra (pip install 'voicecloak[server]'): {e}") from e
+    token = read_token(target.token_file) if target.token_file else None
+    return RemoteProtector(target.server, token=token, tls_ca=target.tls_ca)
 
 
 def resolve_device(name: str | None) -> str:
@@ -421,10 +450,12 @@ def register_protect(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy machine)")
     _add_config_flags(p)
-    remote = p.add_argument_group("remote mode (not available yet)")
-    remote.add_argument("--server", metavar="HOST:PORT", help=f"protect on a VoiceCloak server (env {ENV_SERVER})")
+    remote = p.add_argument_group("remote mode (protect on a `cloak serve` server; models/device flags are ignored)")
+    remote.add_argument("--server", metavar="TARGET",
+                        help=f"protect on a VoiceCloak server: HOST:PORT, dns:///NAME:PORT or ipv4:A:P,B:P "
+                             f"(round-robin over healthy servers) (env {ENV_SERVER})")
     remote.add_argument("--token-file", metavar="FILE", help=f"bearer token for the server (env {ENV_TOKEN_FILE})")
-    remote.add_argument("--tls-ca", metavar="FILE", help="CA certificate to verify the server with")
+    remote.add_argument("--tls-ca", metavar="FILE", help="CA certificate to verify the server with (enables TLS)")
     return p
 
 
@@ -754,7 +785,7 @@ def _failure(args: argparse.Namespace, job: Job, msg: str, code: int, reporter: 
 
 
 def run_protect(args: argparse.Namespace) -> int:
-    _check_remote(args)
+    remote = _remote_target(args)
     settings = resolve_settings(args)
     cfg = settings.config
     if args.threads is not None and args.threads < 1:
@@ -797,11 +828,18 @@ def run_protect(args: argparse.Namespace) -> int:
     cancelled = False
     try:
         with cancel_on_sigint(token, reporter):
-            reporter.info(f"cloak: loading models ({settings.models or 'embedded'}) on {settings.device}")
-            models = _load_models(settings)
-            if "wavlm" in cfg.id_encoders and models.wavlm is None:
-                raise BundleError("id_encoders asks for 'wavlm' but the model bundle has no wavlm-sv/ directory")
-            model_ids = [{"name": i.name, "sha256": i.sha256} for i in models.info]
+            if remote is not None:
+                protector = _remote_protector(remote)
+                info = protector.info()
+                reporter.info(f"cloak: protecting on {remote.server} (voicecloak {info.version}, {info.device})")
+                model_ids = [{"name": m.name, "sha256": m.sha256} for m in info.models]
+                settings = dataclasses.replace(settings, device=f"remote:{info.device}")
+            else:
+                reporter.info(f"cloak: loading models ({settings.models or 'embedded'}) on {settings.device}")
+                models = _load_models(settings)
+                if "wavlm" in cfg.id_encoders and models.wavlm is None:
+                    raise BundleError("id_encoders asks for 'wavlm' but the model bundle has no wavlm-sv/ directory")
+                model_ids = [{"name": i.name, "sha256": i.sha256} for i in models.info]
             for index, job in enumerate(jobs):
                 if token.cancelled:
                     cancelled = True
@@ -821,8 +859,12 @@ def run_protect(args: argparse.Namespace) -> int:
                     continue
                 reporter.start_file(index, job.input)
                 try:
-                    result = cloak.protect(audio.samples, audio.sample_rate, models, cfg, progress=reporter,
-                                           cancel=token)
+                    if remote is not None:
+                        result = protector.protect(audio.samples, audio.sample_rate, cfg, progress=reporter,
+                                                   cancel=token)
+                    else:
+                        result = cloak.protect(audio.samples, audio.sample_rate, models, cfg, progress=reporter,
+                                               cancel=token)
                 except Cancelled:
                     cancelled = True
                     break
@@ -830,7 +872,7 @@ def run_protect(args: argparse.Namespace) -> int:
                     codes.append(_failure(args, job, f"{job.input}: {e}", EXIT_AUDIO, reporter))
                     reporter.end_file()
                     continue
-                except (BundleError, KeyboardInterrupt):
+                except (BundleError, KeyboardInterrupt, ServerUnavailable, ConfigError):
                     raise
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory on one long file: go on with the rest
                     if _debug():
@@ -1151,6 +1193,31 @@ def run_clone(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ----------------------------------------------------------------------------------------------- serve
+
+
+def _serve_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("grpc", "grpc_health", "grpc_reflection"))
+
+
+def register_serve(subparsers: Any) -> argparse.ArgumentParser:
+    from server.cli import SERVE_EPILOG, add_arguments
+
+    p = subparsers.add_parser(
+        "serve", help="run the gRPC protection server (models stay resident, jobs are queued and batched)",
+        description="Serve cloak.v1.CloakService: protection jobs from many clients share resident models; PGD runs "
+                    "several jobs in one batched U-Net call. Health (grpc.health.v1) and reflection included.",
+        epilog=SERVE_EPILOG, formatter_class=_Formatter)
+    add_arguments(p)
+    return p
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from server.cli import run
+
+    return run(args)
+
+
 # ---------------------------------------------------------------------------------------------- wiring
 
 
@@ -1161,15 +1228,26 @@ class Subcommand(NamedTuple):
     available: Callable[[], bool] | None = None  # None = always
 
 
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """A subcommand function imported on first call (those modules import this one)."""
+
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args)
+
+    return call
+
+
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand("protect", register_protect, run_protect),
     Subcommand("models", register_models, run_models),
     Subcommand("info", register_info, run_info),
     Subcommand("clone", register_clone, run_clone, _clone_available),
-    # Subcommand("serve", register_serve, run_serve),            gRPC server (server/)
-    # Subcommand("evaluate", register_evaluate, run_evaluate),   protection metrics
+    Subcommand("serve", register_serve, run_serve, _serve_available),
+    Subcommand("evaluate", _lazy("clients.evaluate_cmd", "register_evaluate"),
+               _lazy("clients.evaluate_cmd", "run_evaluate"), _lazy("clients.evaluate_cmd", "evaluate_available")),
     # Subcommand("audacity", register_audacity, run_audacity),   Audacity mod-script-pipe bridge
-    # Subcommand("train-mini", register_train_mini, run_train_mini),
+    Subcommand("train-mini", _lazy("clients.train_cmd", "register_train_mini"),
+               _lazy("clients.train_cmd", "run_train_mini")),
 ]
 
 MAIN_EPILOG = f"""\
@@ -1181,7 +1259,7 @@ examples:
   cloak info                                versions and devices
 
 environment: {ENV_MODELS} (model bundle directory), {ENV_DEBUG}=1 (tracebacks for internal errors);
-{ENV_SERVER} / {ENV_TOKEN_FILE} are reserved for remote mode.
+{ENV_SERVER} / {ENV_TOKEN_FILE}: protect on a server (remote mode, see cloak protect --help).
 
 {EXIT_CODES_HELP}
 """
@@ -1223,6 +1301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BundleError as e:
         _err(f"model bundle problem: {e}")
         return EXIT_BUNDLE
+    except ServerUnavailable as e:
+        _err(f"server unavailable: {e}")
+        return EXIT_SERVER
     except AudioError as e:
         _err(f"error: {e}")
         return EXIT_AUDIO

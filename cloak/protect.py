@@ -300,8 +300,10 @@ def pgd_step(jobs: list[ProtectionJob]) -> None:
     with torch.no_grad():
         for j, job in enumerate(jobs):
             cfg = job.cfg
+            x = job.attack.x[0]
             d = (job.delta + cfg.step_size * grad[j].sign()).clamp(-cfg.epsilon, cfg.epsilon)
-            job.delta = (job.attack.x[0] + d).clamp(-1.0, 1.0) - job.attack.x[0]
+            # keep x + d within full scale, then the box again (a resampled x can overshoot 1 by more than eps)
+            job.delta = ((x + d).clamp(-1.0, 1.0) - x).clamp(-cfg.epsilon, cfg.epsilon)
             job.after_step({k: float(v.detach()) for k, v in losses[j].items()})
 
 
@@ -402,9 +404,10 @@ class ProtectionJob:
             self.progress(Progress(self.window, len(self.plan), self.iteration, self.cfg.iterations, losses,
                                    elapsed, elapsed / max(done, 1) * (self.total_iterations - done)))
         if self.iteration >= self.cfg.iterations:
-            self._finish_window()
+            self.finish_window()
 
-    def _finish_window(self) -> None:
+    def finish_window(self) -> None:
+        """Close the current window: record its start/end losses, cross-fade its delta in, move on."""
         attack = self.prepare()
         zero = torch.zeros_like(self.delta)
         with torch.no_grad():
@@ -486,6 +489,6 @@ def protect(audio: np.ndarray, sample_rate: int, models: Models | None = None, c
     if job.cfg.iterations == 0:
         while not job.done:
             job.prepare()
-            job._finish_window()
+            job.finish_window()
     run_jobs([job])
     return job.result()

@@ -239,11 +239,15 @@ def test_several_inputs_need_output_dir(tmp_path: Path, speech: np.ndarray,
     assert not (tmp_path / "out.wav").exists()
 
 
-def test_remote_flags_not_available(tmp_path: Path, speech: np.ndarray, capsys: pytest.CaptureFixture[str]) -> None:
+def test_remote_flags_need_a_reachable_server(tmp_path: Path, speech: np.ndarray,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     inp = _mono16(speech[:16000], tmp_path / "a.wav")
-    for flag in (["--server", "localhost:50051"], ["--token-file", "t"], ["--tls-ca", "ca.pem"]):
+    assert main(["protect", str(inp), "--server", "127.0.0.1:1", "--iterations", "1"]) == 5
+    assert "server unavailable" in capsys.readouterr().err
+    assert not (tmp_path / "a.cloaked.wav").exists()
+    for flag in (["--token-file", "t"], ["--tls-ca", "ca.pem"]):
         assert main(["protect", str(inp), *flag]) == 2
-        assert "remote mode is not available yet" in capsys.readouterr().err
+        assert "--server" in capsys.readouterr().err
 
 
 def test_settings_precedence(tmp_path: Path, speech: np.ndarray, monkeypatch: pytest.MonkeyPatch,

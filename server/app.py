@@ -1,0 +1,211 @@
+"""CloakServer: the grpc.Server with CloakService, health, reflection, auth and metrics; `serve()` runs one."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cloak import BundleError
+from cloak.bundle import Models
+
+from . import logs, pcm
+from .auth import TokenInterceptor
+from .config import MAX_CHUNK_BYTES, ServerConfig, ServerConfigError, load_token
+from .gen import cloak_service_pb2 as pb
+from .gen import cloak_service_pb2_grpc as pb_grpc
+from .metrics import Metrics
+from .scheduler import Scheduler
+from .service import SERVICE_NAME, CloakServicer
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_BUNDLE = 0, 1, 2, 4
+HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+SERVER_OPTIONS = [
+    # chunks are <= 1 MiB; room above it so that an oversize chunk gets our INVALID_ARGUMENT, not a size error
+    ("grpc.max_receive_message_length", 4 * MAX_CHUNK_BYTES),
+    ("grpc.max_send_message_length", 4 * MAX_CHUNK_BYTES),
+    ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # accept client keepalive pings every >= 10 s even while a queued job's stream carries no data
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+]
+
+
+class CloakServer:
+    """One server. Pass `models` (already loaded) or `loader` (called in a background thread; health says
+    NOT_SERVING until it returns); with neither, the models come from config.models / config.device."""
+
+    def __init__(self, config: ServerConfig, models: Models | None = None,
+                 loader: Callable[[], Models] | None = None) -> None:
+        config.check()
+        self.config = config
+        self.token = load_token(config.token_file) if config.token_file else None
+        self.metrics = Metrics(config.device)
+        self.scheduler = Scheduler(config, self.metrics, models)
+        self.loader = loader
+        if models is None and loader is None:
+            from cloak import load_models
+
+            self.loader = lambda: load_models(config.models, config.device)
+        self.limits = pcm.Limits(max_seconds=config.max_seconds, max_upload_bytes=config.max_upload_bytes)
+        self.health = health.HealthServicer()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.scheduler.on_state = self._on_state
+        self.servicer = CloakServicer(self.scheduler, self.limits, config.device)
+        self.server: grpc.Server | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.stopped = threading.Event()
+        self.rejected_auth = 0
+
+    def _on_state(self, state: int) -> None:
+        if state == pb.SERVING_STATE_SERVING:
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        elif state == pb.SERVING_STATE_DRAINING:
+            self.health.enter_graceful_shutdown()
+        else:
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _count_reject(self, method: str) -> None:
+        self.rejected_auth += 1
+        logs.event("unauthenticated", level=30, method=method)
+
+    @property
+    def address(self) -> str:
+        """host:port to connect to (the listen host, or 127.0.0.1 for a wildcard listen address)."""
+        listen = self.config.listen
+        if listen.startswith("unix"):
+            return listen
+        host = listen.rsplit(":", 1)[0]
+        if host in ("0.0.0.0", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    def start(self) -> int:
+        """Bind, start serving and (if needed) start loading the models. Returns the bound port."""
+        cfg = self.config
+        workers = cfg.max_queue + cfg.max_batch + 64
+        interceptors = [TokenInterceptor(self.token, self._count_reject)] if self.token else []
+        server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloak-rpc"),
+                             interceptors=interceptors, options=SERVER_OPTIONS,
+                             maximum_concurrent_rpcs=workers + 1024)  # health watches hold no thread
+        pb_grpc.add_CloakServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), server)
+        try:
+            if cfg.tls:
+                creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+                port = server.add_secure_port(cfg.listen, creds)
+            else:
+                port = server.add_insecure_port(cfg.listen)
+        except RuntimeError as e:
+            raise ServerConfigError(f"cannot listen on {cfg.listen}: {e}") from e
+        if not port and not cfg.listen.startswith("unix"):
+            raise ServerConfigError(f"cannot listen on {cfg.listen} (address in use or not available)")
+        self.port = port
+        self.server = server
+        server.start()
+        self.scheduler.start()
+        if self.scheduler.models is not None:
+            self._on_state(pb.SERVING_STATE_SERVING)
+        else:
+            assert self.loader is not None
+            self.scheduler.load(self.loader)
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_addr)
+        logs.event("listening", listen=cfg.listen, port=port, tls=cfg.tls, auth=bool(self.token),
+                   metrics_port=self.metrics_port, max_queue=cfg.max_queue, max_batch=cfg.max_batch,
+                   device=cfg.device)
+        return port
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.scheduler.models is not None:
+                return True
+            if self.scheduler.load_error:
+                return False
+            time.sleep(0.05)
+        return False
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Graceful shutdown, step 1: health NOT_SERVING, no new jobs, running jobs finish (or end UNAVAILABLE
+        after `timeout`, default --drain-timeout)."""
+        self.scheduler.drain(self.config.drain_timeout if timeout is None else timeout)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop serving (after drain(), streams still sending results get `grace` seconds)."""
+        self.scheduler.stop()
+        if self.server is not None:
+            self.server.stop(grace).wait()
+        self.metrics.close()
+        self.stopped.set()
+        logs.event("stopped")
+
+
+def serve(config: ServerConfig, ready: Callable[[CloakServer], Any] | None = None) -> int:
+    """Run a server until SIGTERM/SIGINT (drain, then stop). Returns a process exit code."""
+    logs.setup(config.log_format)
+    try:
+        config.check()
+        if config.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ServerConfigError(f"--device {config.device}: CUDA is not available here")
+        if config.threads:
+            import torch
+
+            torch.set_num_threads(config.threads)
+        srv = CloakServer(config)
+        srv.start()
+    except ServerConfigError as e:
+        logs.event("config_error", level=40, error=str(e))
+        print(f"cloak serve: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    if ready is not None:
+        ready(srv)
+    stop_requested = threading.Event()
+    signals = {"count": 0}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        signals["count"] += 1
+        if signals["count"] > 1:
+            logs.event("forced_stop", signal=signal.Signals(signum).name)
+            srv.scheduler.stop()
+        stop_requested.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop_requested.wait(0.2):
+            if srv.scheduler.load_error:
+                srv.stop(grace=1.0)
+                print(f"cloak serve: could not load the models: {srv.scheduler.load_error}", file=sys.stderr,
+                      flush=True)
+                return EXIT_BUNDLE
+        logs.event("shutdown_requested")
+        srv.drain()
+        srv.stop(grace=max(5.0, config.drain_timeout / 4))
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return EXIT_OK
+
+
+__all__ = ["CloakServer", "serve", "BundleError"]
