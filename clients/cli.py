@@ -1245,7 +1245,8 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("serve", register_serve, run_serve, _serve_available),
     Subcommand("evaluate", _lazy("clients.evaluate_cmd", "register_evaluate"),
                _lazy("clients.evaluate_cmd", "run_evaluate"), _lazy("clients.evaluate_cmd", "evaluate_available")),
-    # Subcommand("audacity", register_audacity, run_audacity),   Audacity mod-script-pipe bridge
+    Subcommand("audacity", _lazy("clients.audacity.cli", "register_audacity"),
+               _lazy("clients.audacity.cli", "run_audacity")),
     Subcommand("train-mini", _lazy("clients.train_cmd", "register_train_mini"),
                _lazy("clients.train_cmd", "run_train_mini")),
 ]

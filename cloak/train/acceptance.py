@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,16 +47,27 @@ def _enroll(embs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def clone_pair_scores(models: Models, src_file: Path, ref_file: Path, enroll_src: torch.Tensor,
-                      enroll_ref: torch.Tensor, steps: int = 30, seed: int = 0) -> dict[str, float]:
+                      enroll_ref: torch.Tensor, steps: int = 30, seed: int = 0,
+                      dnsmos: Any = None) -> dict[str, float]:
     src, ref = read_audio(src_file), read_audio(ref_file)
     out = clone(src.samples, src.sample_rate, ref.samples, ref.sample_rate, models, steps=steps, seed=seed)
     e_clone = _embed(models, out.audio, out.sample_rate)
     e_src = _embed(models, to_mono(src.samples), src.sample_rate)
-    return {"clone_vs_ref": _cos(e_clone, enroll_ref), "clone_vs_src": _cos(e_clone, enroll_src),
-            "source_vs_ref": _cos(e_src, enroll_ref)}
+    scores = {"clone_vs_ref": _cos(e_clone, enroll_ref), "clone_vs_src": _cos(e_clone, enroll_src),
+              "source_vs_ref": _cos(e_src, enroll_ref)}
+    if dnsmos is not None:
+        scores["dnsmos_ovrl_clone"] = dnsmos(out.audio, out.sample_rate)["ovrl"]
+        scores["dnsmos_ovrl_source"] = dnsmos(to_mono(src.samples), src.sample_rate)["ovrl"]
+    return scores
 
 
 def run(models: Models, corpus: Path = CORPUS, pairs_per_speaker_pair: int = 2, steps: int = 30) -> dict:
+    try:
+        from ..evaluate.metrics import DNSMOS
+
+        dnsmos: Any = DNSMOS()
+    except (ImportError, FileNotFoundError):  # speechmos / onnxruntime not installed: no naturalness figure
+        dnsmos = None
     speakers = {s.name: s for s in list_speakers(corpus) if s.name in VAL_SPEAKERS}
     files = {n: s.files for n, s in speakers.items()}
     rows = []
@@ -66,7 +78,7 @@ def run(models: Models, corpus: Path = CORPUS, pairs_per_speaker_pair: int = 2, 
                                 for f in files[a] if f != src_f])
             enroll_b = _enroll([_embed(models, to_mono(read_audio(f).samples), read_audio(f).sample_rate)
                                 for f in files[b] if f != ref_f])
-            s = clone_pair_scores(models, src_f, ref_f, enroll_a, enroll_b, steps)
+            s = clone_pair_scores(models, src_f, ref_f, enroll_a, enroll_b, steps, dnsmos=dnsmos)
             rows.append({"source": str(src_f.name), "reference": str(ref_f.name), "source_speaker": a,
                          "reference_speaker": b, **s})
     closer = float(np.mean([r["clone_vs_ref"] > r["clone_vs_src"] for r in rows]))
@@ -74,7 +86,14 @@ def run(models: Models, corpus: Path = CORPUS, pairs_per_speaker_pair: int = 2, 
     mean_ref = float(np.mean([r["clone_vs_ref"] for r in rows]))
     return {"pairs": rows, "closer_rate": closer, "mean_clone_vs_ref": mean_ref,
             "mean_source_vs_ref": float(np.mean([r["source_vs_ref"] for r in rows])), "similarity_gain": gain,
-            "criteria": {"closer_rate>=0.8": closer >= 0.8, "gain>=0.10": gain >= 0.10}}
+            "criteria": {"closer_rate>=0.8": closer >= 0.8, "gain>=0.10": gain >= 0.10},
+            "dnsmos_ovrl_clones": _mean_of(rows, "dnsmos_ovrl_clone"),
+            "dnsmos_ovrl_sources": _mean_of(rows, "dnsmos_ovrl_source")}
+
+
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if key in r]
+    return float(np.mean(vals)) if vals else None
 
 
 @torch.no_grad()
