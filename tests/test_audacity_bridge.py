@@ -373,8 +373,7 @@ def test_watch_keeps_polling_until_stopped(env, monkeypatch):
 def test_wiring_into_the_main_cli(monkeypatch, capsys):
     from clients import cli
 
-    monkeypatch.setattr(cli, "SUBCOMMANDS", [*cli.SUBCOMMANDS, cli.Subcommand("audacity", register_audacity,
-                                                                               run_audacity)])
+    assert "audacity" in [sc.name for sc in cli.SUBCOMMANDS]
     assert cli.main(["audacity", "--help"]) == 0
     assert "cloak audacity install" in capsys.readouterr().out
     assert cli.main(["audacity"]) == 2
