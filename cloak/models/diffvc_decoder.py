@@ -209,6 +209,8 @@ class GradLogPEstimator(nn.Module):
         mask = x_mask.unsqueeze(1)
         cond = cond[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])
         h = torch.cat([h, cond], 1)
+        if self.final_conv.weight.is_contiguous(memory_format=torch.channels_last) and h.shape[2] > 1:
+            h = h.contiguous(memory_format=torch.channels_last)  # match channels-last weights: no per-conv copies
         contexts: dict[str, torch.Tensor] = {}
         features: dict[str, torch.Tensor] = {}
         hiddens = []

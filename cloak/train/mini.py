@@ -54,6 +54,7 @@ class TrainSettings:
     dec_frames: int = 64
     dec_lr: float = 2e-4
     ckpt_every: int = 250
+    perturb_mean: bool = True
     bf16: bool = False  # only where the CPU has native bf16 (AMX / AVX512-BF16); emulated bf16 is ~20x slower
 
 
@@ -210,6 +211,22 @@ def compute_means(items: list[dict], cache: Path) -> Path:
     return out
 
 
+def perturb_mean(mean: torch.Tensor, mask: torch.Tensor, rng: random.Random, max_warp: float = 0.15,
+                 max_gain: float = 1.0) -> torch.Tensor:
+    """Information perturbation of the encoder mean for decoder training: a random warp of the mel axis
+    (vocal-tract length) and a random level offset. In training the mean comes from the target utterance itself,
+    so without this the decoder learns to take the voice from the mean; with it, the voice has to come from the
+    d-vector and the RefBlock, as at conversion time, where the mean belongs to another speaker."""
+    n = mean.shape[0]
+    alpha = 1.0 + rng.uniform(-max_warp, max_warp)
+    pos = (torch.arange(n, dtype=mean.dtype) * alpha).clamp(0, n - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=n - 1)
+    w = (pos - lo.to(mean.dtype))[:, None]
+    warped = mean[lo] * (1 - w) + mean[hi] * w
+    return (warped + rng.uniform(-max_gain, max_gain)) * mask
+
+
 def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: float,
                   init: Path | None = None) -> None:
     ckpt_path = cache / "decoder.pt"
@@ -252,7 +269,7 @@ def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
             m = torch.zeros(1, st.dec_frames)
             m[:, :n] = 1
             xs.append(x[:80])
-            mus.append(x[80:] * m)
+            mus.append(perturb_mean(x[80:], m, rng) if st.perturb_mean else x[80:] * m)
             refs.append(r[:80])
             mrefs.append(r[80:] * m)
             ms.append(m)
