@@ -64,6 +64,7 @@ from cloak import (
     read_audio,
     write_audio,
 )
+from cloak.audio import fit_to_budget
 from cloak.config import Gender
 
 from .remote import ServerUnavailable
@@ -99,7 +100,6 @@ _FORMAT_EXT = {"WAV": ".wav", "FLAC": ".flac", "AIFF": ".aiff"}
 LOSSLESS_FORMATS = frozenset({"WAV", "FLAC", "AIFF"})
 LOSSY_FORMATS = frozenset({"OGG", "MP3", "MPEG"})
 _FLAC_SUBTYPES = frozenset({"PCM_S8", "PCM_16", "PCM_24"})
-_PCM_BITS = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "PCM_24": 24, "PCM_32": 32}
 CLOAKED_TAG = ".cloaked"
 
 
@@ -621,27 +621,6 @@ def preflight(jobs: list[Job], force: bool) -> list[str]:
     return problems
 
 
-def fit_output(out: np.ndarray, inp: np.ndarray, subtype: str | None, epsilon: float) -> np.ndarray:
-    """Make what will be stored respect |stored - input| <= epsilon exactly: for integer PCM, quantize onto the
-    subtype's grid within the budget; for float, undo float32 rounding that stepped past the bound."""
-    bits = _PCM_BITS.get(subtype or "")
-    x = inp.astype(np.float64)
-    if bits is not None:
-        full = float(2 ** (bits - 1))
-        q = np.rint(out.astype(np.float64) * full)
-        lo, hi = np.ceil((x - epsilon) * full), np.floor((x + epsilon) * full)
-        q = np.where(lo <= hi, np.clip(q, lo, hi), np.rint(x * full))
-        return (np.clip(q, -full, full - 1) / full).astype(np.float32)
-    y = (x + np.clip(out.astype(np.float64) - x, -epsilon, epsilon)).astype(np.float32)
-    target = inp.astype(np.float32)
-    for _ in range(8):  # float32 rounding of the line above can still overshoot by a few ulps
-        bad = np.abs(y.astype(np.float64) - x) > epsilon
-        if not bad.any():
-            break
-        y[bad] = np.nextafter(y[bad], target[bad])
-    return y
-
-
 def _columns(stream: TextIO) -> int:
     try:
         return os.get_terminal_size(stream.fileno()).columns
@@ -884,7 +863,7 @@ def run_protect(args: argparse.Namespace) -> int:
                 if token.cancelled:
                     cancelled = True
                     break
-                stored = fit_output(result.audio, audio.samples, job.out_subtype, cfg.epsilon)
+                stored = fit_to_budget(result.audio, audio.samples, cfg.epsilon, job.out_subtype)
                 try:
                     if job.output.parent != Path() and not job.output.parent.exists():
                         job.output.parent.mkdir(parents=True, exist_ok=True)

@@ -406,3 +406,27 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+PCM_BITS = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "PCM_24": 24, "PCM_32": 32}
+
+
+def fit_to_budget(out: np.ndarray, inp: np.ndarray, epsilon: float, subtype: str | None = None) -> np.ndarray:
+    """Make what will be stored respect |stored - input| <= epsilon exactly: for integer PCM, quantize onto the
+    subtype's grid within the budget; for float, undo float32 rounding that stepped past the bound."""
+    bits = PCM_BITS.get(subtype or "")
+    x = inp.astype(np.float64)
+    if bits is not None:
+        full = float(2 ** (bits - 1))
+        q = np.rint(out.astype(np.float64) * full)
+        lo, hi = np.ceil((x - epsilon) * full), np.floor((x + epsilon) * full)
+        q = np.where(lo <= hi, np.clip(q, lo, hi), np.rint(x * full))
+        return (np.clip(q, -full, full - 1) / full).astype(np.float32)
+    y = (x + np.clip(out.astype(np.float64) - x, -epsilon, epsilon)).astype(np.float32)
+    target = inp.astype(np.float32)
+    for _ in range(8):  # float32 rounding of the line above can still overshoot by a few ulps
+        bad = np.abs(y.astype(np.float64) - x) > epsilon
+        if not bad.any():
+            break
+        y[bad] = np.nextafter(y[bad], target[bad])
+    return y

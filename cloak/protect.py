@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audio import validate_samples
+from .audio import fit_to_budget, validate_samples
 from .bundle import Models
 from .config import LOSS_NAMES, ProtectConfig
 from .features import DIFFVC_HOP, DIFFVC_RATE, GE2E_RATE, diffvc_mel, resample
@@ -434,6 +434,7 @@ class ProtectionJob:
             delta = torch.nn.functional.pad(delta, (0, frames - delta.shape[-1]))
         delta = delta[:frames].clamp(-cfg.epsilon, cfg.epsilon).numpy().astype(np.float32)
         out = np.clip(samples + (delta if samples.ndim == 1 else delta[:, None]), -1.0, 1.0).astype(np.float32)
+        out = fit_to_budget(out, samples, cfg.epsilon)  # float32 rounding must not step past the bound
         diff = out.astype(np.float64) - samples.astype(np.float64)
         signal = float(np.sum(samples.astype(np.float64) ** 2))
         snr = 10 * math.log10(max(signal, 1e-20) / max(float(np.sum(diff**2)), 1e-20))

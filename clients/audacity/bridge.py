@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from cloak.audio import fit_to_budget
+
 from .macro import PROBE_NYQUIST, PROBE_PREF, nyquist_command
 from .pipe import AudacityError, CommandFailed, PipeClient, as_bool, format_command
 
@@ -186,19 +188,6 @@ class CloakOutcome:
 
 def _t(x: float) -> str:
     return f"{x:.6f}".rstrip("0").rstrip(".") or "0"
-
-
-def fit_to_budget(out: np.ndarray, inp: np.ndarray, epsilon: float) -> np.ndarray:
-    """float32 output with |out - inp| <= epsilon exactly (float32 rounding included)."""
-    x = inp.astype(np.float64)
-    y = (x + np.clip(out.astype(np.float64) - x, -epsilon, epsilon)).astype(np.float32)
-    target = inp.astype(np.float32)
-    for _ in range(8):
-        bad = np.abs(y.astype(np.float64) - x) > epsilon
-        if not bad.any():
-            break
-        y[bad] = np.nextafter(y[bad], target[bad])
-    return y
 
 
 def _file_stem(name: str) -> str:
