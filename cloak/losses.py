@@ -54,11 +54,20 @@ def score_loss(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm((score * mask).float().flatten(1), dim=1).mean()
 
 
+def sample_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Cosine between each sample's whole feature map (B, ...) -> (B,). Reduces over every non-batch axis
+    instead of flattening, so channels-last maps are not copied (a flatten of one is not a view)."""
+    dims = tuple(range(1, a.dim()))
+    a, b = a.float(), b.float()
+    norm_a = a.square().sum(dims).sqrt().clamp_min(eps)
+    norm_b = b.square().sum(dims).sqrt().clamp_min(eps)
+    return (a * b).sum(dims) / (norm_a * norm_b)
+
+
 def semantic_loss(feat_adv: dict[str, torch.Tensor], feat_clean: dict[str, torch.Tensor],
                   feat_noise: dict[str, torch.Tensor], keys: tuple[str, ...] = UP_FEATURE_KEYS) -> torch.Tensor:
     total = feat_adv[keys[0]].new_zeros((), dtype=torch.float32)
     for k in keys:
-        a = feat_adv[k].float().flatten(1)
-        total = total + (1.0 - F.cosine_similarity(a, feat_clean[k].float().flatten(1), dim=1)
-                         + F.cosine_similarity(a, feat_noise[k].float().flatten(1), dim=1)).mean()
+        a = feat_adv[k]
+        total = total + (1.0 - sample_cosine(a, feat_clean[k]) + sample_cosine(a, feat_noise[k])).mean()
     return total / len(keys)

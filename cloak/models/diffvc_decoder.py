@@ -78,7 +78,19 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, _, h, w = x.shape
-        qkv = self.to_qkv(x).reshape(b, 3, self.heads, self.dim_head, h * w)
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # channels-last activations: memory is (b, h, w, c), so the 1x1 convolutions are plain matmuls on a
+            # view and the head split needs no copy (same arithmetic as below, in the memory's order)
+            hidden = self.heads * self.dim_head
+            qkv = F.linear(x.permute(0, 2, 3, 1), self.to_qkv.weight.view(3 * hidden, -1))
+            q, k, v = qkv.reshape(b, h * w, 3, self.heads, self.dim_head).unbind(2)
+            k = k.softmax(dim=1)
+            context = torch.einsum("bnhd,bnhe->bhde", k, v)
+            out = torch.einsum("bhde,bnhd->bnhe", context, q).reshape(b, h, w, hidden)
+            out = F.linear(out, self.to_out.weight.view(self.to_out.out_channels, hidden), self.to_out.bias)
+            return out.permute(0, 3, 1, 2), context
+        qkv = self.to_qkv(x)
+        qkv = qkv.reshape(b, 3, self.heads, self.dim_head, h * w)
         q, k, v = qkv.unbind(1)
         k = k.softmax(dim=-1)
         context = torch.einsum("bhdn,bhen->bhde", k, v)
