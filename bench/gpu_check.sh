@@ -3,6 +3,8 @@
 # under $OUT (the device tool's result folder) or bench/results/. Run from the repository root on the GPU box:
 #   bash bench/gpu_check.sh
 # Needs: the project importable (PYTHONPATH=. works), torch with CUDA, the resemblyzer weights file.
+# Order = value: the issue-7 target (official-shaped, paper settings, 7 s, bf16) first, then the fp32 reference,
+# torch.compile, 8 jobs in one batch, and 8 concurrent clients through the gRPC server.
 set -uo pipefail
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
@@ -11,8 +13,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python - <<'PY' | tee "$OUT/env.txt"
 import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
 PY
-timeout 240 python bench/protect.py --device cuda --model official-shaped --seconds 7 \
-    --out "$OUT/protect-cuda-official-1job.json" 2>&1 | tail -30
-timeout 240 python bench/protect.py --device cuda --model official-shaped --seconds 7 --jobs 8 \
-    --out "$OUT/protect-cuda-official-8jobs.json" 2>&1 | tail -30
+run() {  # run <timeout> <name> <args...>
+  local t="$1" name="$2"; shift 2
+  echo "=== $name"
+  timeout "$t" python bench/protect.py --device cuda --model official-shaped --seconds 7 "$@" \
+      --out "$OUT/protect-cuda-$name.json" 2>&1 | tail -25
+}
+run 75 bf16-1job --precision bf16
+run 75 fp32-1job --precision fp32
+run 150 bf16-compiled-1job --precision bf16 --compile
+run 90 bf16-8jobs --precision bf16 --jobs 8
+echo "=== serve: 8 concurrent 7 s jobs, paper settings"
+timeout 90 python bench/serve_bench.py --random official --device cuda --precision bf16 --clients 8 --jobs 1 \
+    --seconds 7 --iterations 50 --repeats 5 --source-frames 192 --max-batch 8 --out "$OUT/serve-cuda-official.json" \
+    2>&1 | tail -8
 ls -la "$OUT"

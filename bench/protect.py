@@ -24,9 +24,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cloak.bank import VoiceBank
-from cloak.bundle import Models, load_models
+from cloak.bundle import Models, compile_estimator, load_models, resolve_precision
 from cloak.config import ProtectConfig
 from cloak.models import GE2E, DiffVC
+from cloak.models.diffvc_decoder import RefBlock
 from cloak.protect import ProtectionJob, pgd_step, run_jobs
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -58,17 +59,24 @@ def clip(seconds: float) -> tuple[np.ndarray, int]:
     return np.concatenate(parts)[: int(seconds * sr)], sr
 
 
-def models_for(kind: str, device: torch.device) -> Models:
+def models_for(kind: str, device: torch.device, precision: str = "auto", compile: bool = False) -> Models:
     if kind == "mini":
-        return load_models(None, device)
+        return load_models(None, device, precision, compile)
     torch.manual_seed(0)
     dv = DiffVC()
     with torch.no_grad():
         for n, p in dv.named_parameters():
             if n.endswith(".g"):
                 p.fill_(0.1)
-    return Models(diffvc=dv.to(device).eval().requires_grad_(False), ge2e=GE2E.load(device=device), bank=VoiceBank(),
-                  device=device)
+    dv = dv.to(device).eval().requires_grad_(False)
+    dv.to(memory_format=torch.channels_last)  # as load_models prepares it
+    for module in dv.modules():
+        if isinstance(module, RefBlock):
+            module.to(memory_format=torch.contiguous_format)
+    if compile:
+        compile_estimator(dv)
+    return Models(diffvc=dv, ge2e=GE2E.load(device=device), bank=VoiceBank(), device=device,
+                  precision=resolve_precision(precision, device), compiled=compile)
 
 
 def main() -> None:
@@ -79,15 +87,18 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (compile time is excluded: "
+                   "the FLOP-count probe iteration compiles it)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
-    models = models_for(a.model, dev)
+    models = models_for(a.model, dev, a.precision, a.compile)
     x, sr = clip(a.seconds)
     cfg = ProtectConfig(iterations=a.iterations, gender="male", window_seconds=max(10.0, a.seconds + 1))
-    peak = measured_peak_flops(dev)
+    peak = measured_peak_flops(dev, torch.bfloat16 if models.precision == "bf16" else torch.float32)
 
     probe = ProtectionJob(x, sr, models, cfg.with_(iterations=1))
     probe.prepare()
@@ -110,7 +121,8 @@ def main() -> None:
     res = {
         "bench": "protect", "date": datetime.now(UTC).isoformat(timespec="seconds"), "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "model": a.model, "diffvc_params": sum(q.numel() for q in
+        "threads": torch.get_num_threads(), "precision": models.precision, "compiled": models.compiled,
+        "model": a.model, "diffvc_params": sum(q.numel() for q in
                                                                                  models.diffvc.parameters()),
         "clip_seconds": a.seconds, "jobs": a.jobs, "settings": {k: v for k, v in cfg.to_dict().items()
                                                                 if k in ("iterations", "repeats", "t_adv",
@@ -122,7 +134,8 @@ def main() -> None:
         "snr_db": float(np.mean([r.metrics["snr_db"] for r in results])),
     }
     print(json.dumps(res, indent=2))
-    out = Path(a.out or Path(__file__).parent / "results" / f"protect-{dev.type}-{a.model}.json")
+    name = f"protect-{dev.type}-{a.model}-{models.precision}{'-compiled' if a.compile else ''}-{a.jobs}job.json"
+    out = Path(a.out or Path(__file__).parent / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
 

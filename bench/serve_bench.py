@@ -39,10 +39,11 @@ CORPUS = ROOT.parent / "shared" / "corpus"
 RANDOM_SIZES = {  # DiffVC widths of randomly initialised models (no checkpoint needed)
     "tiny": dict(channels=32, filters=64, heads=2, layers=2, enc_dim=16, spk_dim=16, dec_dim=16),  # the tests'
     "small": dict(channels=128, filters=512, heads=2, layers=4, enc_dim=16, spk_dim=32, dec_dim=32),  # engine bench's
+    "official": {},  # the official DiffVC sizes (the GPU target)
 }
 
 
-def random_models(size: str) -> object:
+def random_models(size: str, device: str = "cpu", precision: str = "auto") -> object:
     from cloak.bank import VoiceBank
     from cloak.bundle import Models
     from cloak.models import GE2E, DiffVC
@@ -53,8 +54,12 @@ def random_models(size: str) -> object:
         for n, prm in dv.named_parameters():
             if n.endswith(".g"):
                 prm.fill_(0.1)
-    return Models(diffvc=dv.eval().requires_grad_(False), ge2e=GE2E.load(), bank=VoiceBank(),
-                  device=torch.device("cpu"))
+    from cloak.bundle import resolve_precision
+
+    dev = torch.device(device)
+    dv = dv.to(dev).eval().requires_grad_(False)
+    return Models(diffvc=dv, ge2e=GE2E.load(device=dev), bank=VoiceBank(), device=dev,
+                  precision=resolve_precision(precision, dev))
 
 
 def clips(n: int, seconds: float) -> list[tuple[np.ndarray, int]]:
@@ -145,6 +150,7 @@ def main() -> None:
                                                    "else --random small)")
     p.add_argument("--random", choices=sorted(RANDOM_SIZES), help="a randomly initialised DiffVC of this width")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_bench.json"))
     a = p.parse_args()
@@ -154,7 +160,8 @@ def main() -> None:
 
     if a.random is None and a.models is None and not EMBEDDED_DIFFVC.is_file():
         a.random = "small"
-    models = random_models(a.random) if a.random else load_models(a.models, a.device)
+    models = (random_models(a.random, a.device, a.precision) if a.random
+              else load_models(a.models, a.device, a.precision))
     load_s = time.perf_counter() - t
     data = clips(a.clients * a.jobs, a.seconds)
     cfg = ProtectConfig(iterations=a.iterations, repeats=a.repeats, t_adv=min(6, max(2, a.repeats)),
@@ -165,6 +172,8 @@ def main() -> None:
         "bench": "serve_bench",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": a.device,
+        "device_name": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor(),
+        "precision": models.precision,
         "cpu": platform.machine(),
         "threads": a.threads,
         "models": f"random {a.random}: {RANDOM_SIZES[a.random]}" if a.random else (a.models or "embedded cloak-mini"),

@@ -162,7 +162,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid {kind}: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table/object of settings, got {type(data).__name__}")
-    known = {f.name for f in fields(ProtectConfig)} | {"models", "device"}
+    known = {f.name for f in fields(ProtectConfig)} | {"models", "device", "precision"}
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -225,6 +225,7 @@ class Settings:
     device: str
     config_file: Path | None
     sources: dict[str, str] = field(default_factory=dict)
+    precision: str = "auto"
 
 
 @dataclass
@@ -323,7 +324,10 @@ def resolve_settings(args: argparse.Namespace, environ: dict[str, str] | None = 
     if not isinstance(device_name, str):
         raise ConfigError(f"{cfg_path}: device must be a string, got {device_name!r}")
     device = resolve_device(device_name)
-    return Settings(config, models, models_source, device, cfg_path, sources)
+    precision = getattr(args, "precision", None) or file_values.get("precision") or "auto"
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"{cfg_path}: precision must be auto, fp32 or bf16, got {precision!r}")
+    return Settings(config, models, models_source, device, cfg_path, sources, precision)
 
 
 def _device_arg(value: str) -> str:
@@ -340,13 +344,16 @@ def _add_common_model_args(p: argparse.ArgumentParser, device: bool = True) -> N
     if device:
         p.add_argument("--device", type=_device_arg, metavar="cpu|cuda",
                        help="where to run: cpu, cuda, cuda:N or auto (default: auto = cuda when available)")
+        p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                       help="U-Net arithmetic: auto = bf16 autocast on CUDA (perturbation kept in fp32), "
+                            "fp32 on CPU (default auto)")
     p.add_argument("--config", metavar="FILE",
                    help=f"settings file, JSON or TOML (default: {default_config_path()} if it exists)")
 
 
 def _load_models(settings: Settings) -> cloak.Models:
     try:
-        return cloak.load_models(settings.models, settings.device)
+        return cloak.load_models(settings.models, settings.device, settings.precision)
     except BundleError:
         raise
     except Exception as e:  # noqa: BLE001 - anything going wrong while loading weights is a bundle problem
@@ -372,6 +379,12 @@ _FIELD_HELP: dict[str, tuple[str | None, str]] = {
     "window_seconds": ("S", "long clips are protected in windows of this length (default 10)"),
     "overlap_seconds": ("S", "overlap of consecutive windows, cross-faded (default 1)"),
     "inference_steps": ("N", "sampler steps of the diffusion grid (default 100)"),
+    "early_stop": (None, "stop a window once the attacker's clone already fails (needs voicecloak[eval]; "
+                         "off by default: each check costs ~3 iterations)"),
+    "early_stop_every": ("N", "iterations between early-stop checks (default 10)"),
+    "early_stop_identity_drop": ("D", "early stop: required drop of the clone's GE2E similarity vs a clean "
+                                      "clone (default 0.15)"),
+    "early_stop_quality": ("MOS", "early stop: the clone's DNSMOS OVRL must be below this (default 2.5)"),
 }
 
 

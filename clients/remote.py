@@ -113,7 +113,10 @@ def settings_from_config(config: ProtectConfig, pb: Any) -> Any:
     s = pb.ProtectSettings(epsilon=config.epsilon, step_size=config.step_size, iterations=config.iterations,
                            repeats=config.repeats, t_adv=config.t_adv, weights=list(config.weights), seed=config.seed,
                            source_frames=config.source_frames, window_seconds=config.window_seconds,
-                           overlap_seconds=config.overlap_seconds, inference_steps=config.inference_steps)
+                           overlap_seconds=config.overlap_seconds, inference_steps=config.inference_steps,
+                           early_stop=config.early_stop, early_stop_every=config.early_stop_every,
+                           early_stop_identity_drop=config.early_stop_identity_drop,
+                           early_stop_quality=config.early_stop_quality)
     s.id_encoders.extend(pb.SpeakerEncoder.Value(f"SPEAKER_ENCODER_{e.upper()}") for e in config.id_encoders)
     s.losses.extend(pb.LossTerm.Value(f"LOSS_TERM_{k.upper()}") for k in config.losses)
     s.gender = pb.Gender.Value(f"GENDER_{config.gender.upper()}")
@@ -401,7 +404,8 @@ class _Follow:
 def _config_from_settings(s: Any, pb: Any) -> ProtectConfig:
     values: dict[str, Any] = {}
     for name in ("epsilon", "step_size", "iterations", "repeats", "t_adv", "seed", "source_frames", "window_seconds",
-                 "overlap_seconds", "inference_steps"):
+                 "overlap_seconds", "inference_steps", "early_stop", "early_stop_every", "early_stop_identity_drop",
+                 "early_stop_quality"):
         if s.HasField(name):
             values[name] = getattr(s, name)
     if len(s.weights) == 4:

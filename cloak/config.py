@@ -30,6 +30,10 @@ class ProtectConfig:
     source_frames  length (mel frames) of the surrogate attacker sources fed to the U-Net.
     window_seconds / overlap_seconds  long clips are cut into windows optimised one by one,
                  their perturbations cross-faded over the overlap.
+    early_stop   end a window early once the attacker's clone fails (see cloak.early_stop; off by default):
+                 checked every `early_stop_every` iterations; met when the clone's GE2E similarity to the
+                 speaker dropped by `early_stop_identity_drop` vs a clean clone AND its DNSMOS OVRL is below
+                 `early_stop_quality`.
     """
 
     epsilon: float = 0.002
@@ -46,6 +50,10 @@ class ProtectConfig:
     window_seconds: float = 10.0
     overlap_seconds: float = 1.0
     inference_steps: int = 100
+    early_stop: bool = False
+    early_stop_every: int = 10
+    early_stop_identity_drop: float = 0.15
+    early_stop_quality: float = 2.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
@@ -77,6 +85,13 @@ class ProtectConfig:
         check(1.0 <= self.window_seconds <= 120.0, f"window_seconds must be in [1, 120], got {self.window_seconds}")
         check(0.0 <= self.overlap_seconds <= self.window_seconds / 2,
               f"overlap_seconds must be in [0, window_seconds/2], got {self.overlap_seconds}")
+        check(isinstance(self.early_stop, bool), f"early_stop must be true or false, got {self.early_stop!r}")
+        check(1 <= self.early_stop_every <= 10_000, f"early_stop_every must be in [1, 10000], got "
+              f"{self.early_stop_every}")
+        check(0.0 <= self.early_stop_identity_drop <= 2.0,
+              f"early_stop_identity_drop must be in [0, 2], got {self.early_stop_identity_drop}")
+        check(1.0 <= self.early_stop_quality <= 5.0,
+              f"early_stop_quality must be in [1, 5] (DNSMOS OVRL), got {self.early_stop_quality}")
 
     @property
     def loss_weights(self) -> dict[str, float]:

@@ -131,6 +131,7 @@ class WindowAttack:
         with torch.no_grad():
             x16 = resample(self.x, DIFFVC_RATE, GE2E_RATE)
             self.gain = volume_gain(x16)
+            self.gain_t = torch.full((1,), self.gain, device=self.dev, dtype=x16.dtype)  # no host copy per step
             self.id_encoders = models.speaker_encoders(cfg.id_encoders)
             self.emb_clean = [e.embed(x16 * self.gain if e is models.ge2e else x16) for e in self.id_encoders]
             self.sex = cfg.gender[0].upper() if cfg.gender != "auto" else \
@@ -246,7 +247,7 @@ def objective(attacks: list[WindowAttack], deltas: torch.Tensor,
     m, dev = a0.m, a0.dev
     x_adv = torch.cat([a.adversarial(d[None]) for a, d in zip(attacks, deltas, strict=True)])
     x16 = resample(x_adv, DIFFVC_RATE, GE2E_RATE)
-    gains = torch.tensor([a.gain for a in attacks], device=dev, dtype=x16.dtype)[:, None]
+    gains = torch.cat([a.gain_t for a in attacks])[:, None]
     c = m.ge2e.embed(x16 * gains)
     out: list[dict[str, torch.Tensor]] = [{} for _ in attacks]
     want = {k: any(a.weights[k] > 0 for a in attacks) for k in LOSS_NAMES}
@@ -263,7 +264,7 @@ def objective(attacks: list[WindowAttack], deltas: torch.Tensor,
         mel = diffvc_mel(x_adv)
         mask = torch.ones(mel.shape[0], 1, mel.shape[-1], device=dev)
         mean_ref = m.diffvc.average_voice(mel, mask)
-        rep = torch.repeat_interleave(torch.arange(len(attacks), device=dev), torch.tensor(counts, device=dev))
+        rep = torch.cat([torch.full((n,), j, device=dev, dtype=torch.long) for j, n in enumerate(counts)])
         score, internals = _score(m, (mel[rep], mean_ref[rep], c[rep]), pool)
         ctx = summed_context(internals) if want["ctx"] else None
         offsets = [0, *np.cumsum(counts).tolist()]
@@ -286,7 +287,11 @@ def _score(m: Models, ref: tuple[torch.Tensor, ...], pool: _Pool) -> tuple[torch
     b = pool.t.shape[0]
     mask = torch.ones(b, 1, mel.shape[-1], device=mel.device)
     xt_ref = m.diffvc.diffused_reference(mel, mask, mean_ref, pool.t).unsqueeze(1)
-    return m.diffvc.score(pool.x_t, pool.mask, pool.mean, xt_ref, mask, c, pool.t, return_internals=True)
+    amp = m.amp_dtype
+    with torch.autocast(mel.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        score, internals = m.diffvc.score(pool.x_t, pool.mask, pool.mean, xt_ref, mask, c, pool.t,
+                                          return_internals=True)
+    return score.float(), internals
 
 
 def pgd_step(jobs: list[ProtectionJob]) -> None:
@@ -304,7 +309,7 @@ def pgd_step(jobs: list[ProtectionJob]) -> None:
             d = (job.delta + cfg.step_size * grad[j].sign()).clamp(-cfg.epsilon, cfg.epsilon)
             # keep x + d within full scale, then the box again (a resampled x can overshoot 1 by more than eps)
             job.delta = ((x + d).clamp(-1.0, 1.0) - x).clamp(-cfg.epsilon, cfg.epsilon)
-            job.after_step({k: float(v.detach()) for k, v in losses[j].items()})
+            job.after_step({k: v.detach() for k, v in losses[j].items()})  # tensors: no host sync per step
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,7 +366,9 @@ class ProtectionJob:
         self.delta = torch.zeros(0)
         self.first_idx = torch.zeros(0, dtype=torch.long)
         self.per_window: list[dict[str, Any]] = []
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, torch.Tensor]] = []
+        self.check: Any = None  # the window's early-stop AttackerCheck, built at its first check
+        self.checks: list[dict[str, Any]] = []
 
     @property
     def done(self) -> bool:
@@ -395,16 +402,35 @@ class ProtectionJob:
         a = self.prepare()
         return (a.x.shape[-1], self.cfg.source_frames, self.cfg.id_encoders)
 
-    def after_step(self, losses: dict[str, float]) -> None:
+    def after_step(self, losses: dict[str, torch.Tensor]) -> None:
+        """Record one iteration's (device) loss values, report progress, close the window when it is done.
+        On an asynchronous device progress shows the previous iteration's losses: reading those waits only for
+        that step while this one is already queued, so the device never idles waiting for the host."""
         self.history.append(losses)
         self.iteration += 1
         if self.progress is not None:
+            lagged = self.models.device.type != "cpu" and len(self.history) > 1
+            shown = {k: float(v) for k, v in self.history[-2 if lagged else -1].items()}
             done = self.window * self.cfg.iterations + self.iteration
             elapsed = time.perf_counter() - self.t0
-            self.progress(Progress(self.window, len(self.plan), self.iteration, self.cfg.iterations, losses,
+            self.progress(Progress(self.window, len(self.plan), self.iteration, self.cfg.iterations, shown,
                                    elapsed, elapsed / max(done, 1) * (self.total_iterations - done)))
-        if self.iteration >= self.cfg.iterations:
+        if self.iteration >= self.cfg.iterations or self._early_stop_met():
             self.finish_window()
+
+    def _early_stop_met(self) -> bool:
+        cfg = self.cfg
+        if not cfg.early_stop or self.iteration % cfg.early_stop_every:
+            return False
+        from .early_stop import AttackerCheck
+
+        attack = self.prepare()
+        if self.check is None:
+            self.check = AttackerCheck(self.models, cfg, attack.x, attack.src[0])
+        with torch.no_grad():
+            result = self.check(attack.adversarial(self.delta[None]))
+        self.checks.append({"iteration": self.iteration, **result})
+        return bool(result["met"])
 
     def finish_window(self) -> None:
         """Close the current window: record its start/end losses, cross-fade its delta in, move on."""
@@ -417,11 +443,13 @@ class ProtectionJob:
         full = torch.zeros(b - a)
         full[: min(d.shape[-1], b - a)] = d[: b - a]
         self.delta22[a:b] += full * self.weights[self.window]
-        self.per_window.append({"losses_start": {k: float(v) for k, v in start.items()},
-                                "losses_end": {k: float(v) for k, v in end.items()},
-                                "history": self.history, "gender": attack.sex,
-                                "opposite_speaker": attack.opposite_name})
+        self.per_window.append({"losses_start": _floats([start])[0], "losses_end": _floats([end])[0],
+                                "history": _floats(self.history), "gender": attack.sex,
+                                "opposite_speaker": attack.opposite_name, "iterations": self.iteration,
+                                "early_stop_checks": self.checks})
         self.attack = None
+        self.check = None
+        self.checks = []
         self.window += 1
 
     def result(self) -> ProtectResult:
@@ -448,6 +476,9 @@ class ProtectionJob:
             "losses_start": mean_of("losses_start"),
             "losses_end": mean_of("losses_end"),
             "iterations": cfg.iterations,
+            "iterations_run": [w["iterations"] for w in self.per_window],
+            "early_stop_checks": [w["early_stop_checks"] for w in self.per_window],
+            "precision": self.models.precision,
             "windows": len(self.plan),
             "seconds": time.perf_counter() - self.t0,
             "gender": self.per_window[0]["gender"],
@@ -457,6 +488,17 @@ class ProtectionJob:
             "config": cfg.to_dict(),
         }
         return ProtectResult(out, self.sample_rate, metrics)
+
+
+def _floats(rows: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
+    """Loss tensors of many iterations to floats with one device-to-host transfer."""
+    if not rows:
+        return []
+    keys = list(rows[0])
+    if not keys:
+        return [{} for _ in rows]
+    values = torch.stack([torch.stack([r[k].float().reshape(()) for k in keys]) for r in rows]).cpu().tolist()
+    return [dict(zip(keys, v, strict=True)) for v in values]
 
 
 def run_jobs(jobs: list[ProtectionJob], max_batch: int = 8) -> None:

@@ -59,7 +59,7 @@ class CloakServer:
         if models is None and loader is None:
             from cloak import load_models
 
-            self.loader = lambda: load_models(config.models, config.device)
+            self.loader = lambda: load_models(config.models, config.device, config.precision, config.compile)
         self.limits = pcm.Limits(max_seconds=config.max_seconds, max_upload_bytes=config.max_upload_bytes)
         self.health = health.HealthServicer()
         for name in ("", SERVICE_NAME):

@@ -27,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"HOST:PORT, [IPV6]:PORT or unix:PATH (default {DEFAULT_LISTEN}; loopback only)")
     p.add_argument("--models", metavar="DIR", help="model bundle directory (default: $CLOAK_MODELS, else embedded)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
+                   help="U-Net arithmetic during protection: auto = bf16 autocast on CUDA (the perturbation stays "
+                        "fp32), fp32 elsewhere (default auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net: faster steps after a one-off compile per window length")
     p.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
                    help=f"jobs waiting beyond the running ones; more get RESOURCE_EXHAUSTED (default {d.max_queue})")
     p.add_argument("--max-batch", type=int, default=d.max_batch, metavar="K",
@@ -63,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         listen=args.listen, models=args.models or os.environ.get("CLOAK_MODELS") or None, device=args.device,
+        precision=args.precision, compile=args.compile,
         max_queue=args.max_queue, max_batch=args.max_batch, max_seconds=args.max_seconds, tls_cert=args.tls_cert,
         tls_key=args.tls_key, token_file=args.token_file, insecure=args.insecure, metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr, result_ttl=args.result_ttl, max_results=args.max_results,

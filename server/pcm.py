@@ -30,7 +30,8 @@ ENCODER_ENUM = {v: k for k, v in ENCODERS.items()}
 LOSSES = {pb.LOSS_TERM_ID: "id", pb.LOSS_TERM_CTX: "ctx", pb.LOSS_TERM_SCORE: "score", pb.LOSS_TERM_SEM: "sem"}
 LOSS_ENUM = {v: k for k, v in LOSSES.items()}
 _SCALAR_FIELDS = ("epsilon", "step_size", "iterations", "repeats", "t_adv", "seed", "source_frames", "window_seconds",
-                  "overlap_seconds", "inference_steps")
+                  "overlap_seconds", "inference_steps", "early_stop", "early_stop_every", "early_stop_identity_drop",
+                  "early_stop_quality")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 

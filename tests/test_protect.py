@@ -139,3 +139,54 @@ def test_losses_switch_off_for_ablation(tiny_models):
     x, sr = corpus_clip("vctk_p225", 0, seconds=1.0)
     r = protect(x, sr, tiny_models, ProtectConfig(**{**FAST, "iterations": 2}, losses=("id",)))
     assert set(r.metrics["losses_end"]) == {"id"}
+
+
+def test_bf16_autocast_matches_fp32_within_tolerance(tiny_models):
+    """The GPU fast path's arithmetic (bf16 autocast on the U-Net, fp32 perturbation) on CPU: loss values within
+    5 % (+0.02) of fp32 at the start, and the perturbation it finds raises the fp32 objective at least half as
+    much as the fp32 run's own (stated tolerance of the fast path; README / bench/RESULTS.md)."""
+    from dataclasses import replace
+
+    from cloak.protect import WindowAttack, objective
+
+    x, sr = corpus_clip("vctk_p226", 0, seconds=1.5)
+    cfg = ProtectConfig(**{**FAST, "iterations": 4}, epsilon=0.01, step_size=1e-3, seed=5)
+    bf16 = replace(tiny_models, precision="bf16")
+    r32 = protect(x, sr, tiny_models, cfg)
+    r16 = protect(x, sr, bf16, cfg)
+    assert r16.metrics["precision"] == "bf16" and r32.metrics["precision"] == "fp32"
+    for k, v in r32.metrics["losses_start"].items():
+        assert abs(r16.metrics["losses_start"][k] - v) <= 0.05 * abs(v) + 0.02, k
+    # the final deltas' effect, both measured with the fp32 objective on the same draws
+    x22 = torch.from_numpy(to_rate(x, sr, 22050))
+    attack = WindowAttack(tiny_models, cfg, x22, 22050, torch.Generator().manual_seed(0))
+    w = cfg.loss_weights
+    idx = attack.next_indices(0)
+
+    def gain(r):
+        d = torch.from_numpy(to_rate(r.audio - x, sr, 22050))[: attack.x.shape[-1]]
+        d = torch.nn.functional.pad(d, (0, attack.x.shape[-1] - d.shape[-1]))
+        with torch.no_grad():
+            start, end = objective([attack, attack], torch.stack([torch.zeros_like(d), d]), [idx, idx])
+        return sum(w[k] * (end[k] - start[k]) for k in end).item()
+
+    g32, g16 = gain(r32), gain(r16)
+    assert g32 > 0 and g16 >= 0.5 * g32, (g32, g16)
+
+
+def test_early_stop_ends_windows_when_the_attacker_check_passes(tiny_models):
+    """Early stop runs the attacker's clone every k iterations: with targets that always hold it stops at the first
+    check; with an unreachable identity drop it runs every iteration; the checks are reported."""
+    pytest.importorskip("onnxruntime")
+    x, sr = corpus_clip("librispeech_1998", 0, seconds=1.5)
+    base = ProtectConfig(**{**FAST, "iterations": 6}, early_stop=True, early_stop_every=2)
+    easy = protect(x, sr, tiny_models, base.with_(early_stop_identity_drop=0.0, early_stop_quality=5.0))
+    assert easy.metrics["iterations_run"] == [2]
+    check = easy.metrics["early_stop_checks"][0][0]
+    assert check["met"] and check["iteration"] == 2
+    assert -1.0 <= check["identity"] <= 1.0 and 1.0 <= check["ovrl"] <= 5.0
+    hard = protect(x, sr, tiny_models, base.with_(early_stop_identity_drop=2.0))
+    assert hard.metrics["iterations_run"] == [6]
+    assert [c["iteration"] for c in hard.metrics["early_stop_checks"][0]] == [2, 4]
+    assert not any(c["met"] for c in hard.metrics["early_stop_checks"][0])
+    assert np.abs(easy.audio - x).max() <= base.epsilon + 1e-7
