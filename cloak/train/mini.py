@@ -55,6 +55,7 @@ class TrainSettings:
     dec_lr: float = 2e-4
     ckpt_every: int = 250
     perturb_mean: bool = True
+    ema_decay: float = 0.999  # exported decoder = exponential moving average of the weights (steadier samples)
     bf16: bool = False  # only where the CPU has native bf16 (AMX / AVX512-BF16); emulated bf16 is ~20x slower
 
 
@@ -145,6 +146,7 @@ def train_encoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
     glob_std = torch.stack([s for _, s in stats.values()]).mean(0)
     targets = [average_voice_target(it["mel"], *stats[it["speaker"]], glob_mean, glob_std) for it in train]
 
+    _seed_all(st.seed)  # before building the model: its initial weights are part of the run
     model = DiffVC.from_config(MINI_CONFIG)
     enc = model.encoder
     opt = torch.optim.Adam(enc.parameters(), lr=st.enc_lr)
@@ -156,11 +158,11 @@ def train_encoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
             opt.load_state_dict(ck["opt"])
         step = ck["step"]
         _set_rng_state(ck["rng"])
-    else:
-        _seed_all(st.seed)
     if step >= st.enc_steps:
         return
     rng = random.Random(st.seed + step)
+    if ckpt_path.exists() and "crop_rng" in ck:  # resume the crop stream exactly where it stopped
+        rng.setstate(ck["crop_rng"])
     weights = [it["mel"].shape[1] for it in train]
     enc.train()
     t0 = time.time()
@@ -191,7 +193,8 @@ def train_encoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
             logf.flush()
         if step % st.ckpt_every == 0 or step == st.enc_steps:
             _save(ckpt_path, {"encoder": enc.state_dict(), "opt": opt.state_dict(), "step": step,
-                              "rng": _rng_state(), "glob_mean": glob_mean, "glob_std": glob_std})
+                              "rng": _rng_state(), "crop_rng": rng.getstate(), "glob_mean": glob_mean,
+                              "glob_std": glob_std})
             log.info("encoder step %d loss %.4f", step, loss.item())
 
 
@@ -232,27 +235,34 @@ def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
     ckpt_path = cache / "decoder.pt"
     means = torch.load(cache / "means.pt", weights_only=False)["means"]
     train = [(it, mu) for it, mu in zip(items, means, strict=True) if it["split"] == "train"]
+    _seed_all(st.seed + 1)  # the decoder's initial weights are part of the run
     model = DiffVC.from_config(MINI_CONFIG)
     model.encoder.load_state_dict(torch.load(cache / "encoder.pt", weights_only=False)["encoder"])
     dec = model.decoder
     opt = torch.optim.Adam(dec.parameters(), lr=st.dec_lr)
     step = 0
     gen = torch.Generator().manual_seed(st.seed)
+    ema: dict[str, torch.Tensor] | None = None
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
         dec.load_state_dict(ck["decoder"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
         gen.set_state(ck["gen"])
+        ema = ck.get("ema")  # checkpoints from before the EMA start it from their weights
     elif init is not None and init.is_file():  # continue from a shipped checkpoint (fresh optimiser state)
         ck = torch.load(init, weights_only=True)
         model.load_state_dict(ck["state_dict"])
         step = int(ck["meta"].get("decoder_steps", 0))
         gen.manual_seed(st.seed + step)
         log.info("decoder initialised from %s at step %d", init, step)
+    if ema is None:
+        ema = {k: v.detach().clone() for k, v in dec.state_dict().items()}
     if step >= st.dec_steps:
         return
     rng = random.Random(st.seed * 7 + step)
+    if ckpt_path.exists() and "rng" in ck:  # resume the crop/perturbation stream exactly where it stopped
+        rng.setstate(ck["rng"])
     weights = [it["mel"].shape[1] for it, _ in train]
     dec.train()
     t0 = time.time()
@@ -282,6 +292,10 @@ def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
         opt.step()
+        with torch.no_grad():
+            for k, v in dec.state_dict().items():
+                if v.is_floating_point():
+                    ema[k].lerp_(v, 1.0 - st.ema_decay)
         step += 1
         run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
         if step % 25 == 0:
@@ -290,17 +304,19 @@ def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
             logf.flush()
         if step % st.ckpt_every == 0 or step == st.dec_steps:
             _save(ckpt_path, {"decoder": dec.state_dict(), "opt": opt.state_dict(), "step": step,
-                              "gen": gen.get_state()})
+                              "gen": gen.get_state(), "ema": ema, "rng": rng.getstate()})
             log.info("decoder step %d loss %.4f (avg %.4f)", step, loss.item(), run_loss)
 
 
-def export(cache: Path, out: Path, st: TrainSettings) -> Path:
+def export(cache: Path, out: Path, st: TrainSettings, ema: bool = True) -> Path:
     model = DiffVC.from_config(MINI_CONFIG)
     enc = torch.load(cache / "encoder.pt", weights_only=False)
     dec = torch.load(cache / "decoder.pt", weights_only=False)
     model.encoder.load_state_dict(enc["encoder"])
-    model.decoder.load_state_dict(dec["decoder"])
+    use_ema = ema and dec.get("ema") is not None
+    model.decoder.load_state_dict(dec["ema"] if use_ema else dec["decoder"])
     meta = {"name": "cloak-mini", "encoder_steps": enc["step"], "decoder_steps": dec["step"],
+            "decoder_weights": "ema" if use_ema else "raw",
             "settings": asdict(st), "val_speakers": list(VAL_SPEAKERS)}
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
