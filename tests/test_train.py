@@ -32,6 +32,14 @@ def test_split_resume_and_export(tmp_path):
     assert {("vctk_p226", "train"), ("vctk_p226", "val_seen")} <= splits
     assert all(it["mel"].shape[0] == 80 and it["dvec"].shape == (256,) for it in items)
 
+    # the pack that carries the data to a GPU machine: 8-bit log-mels (+ one step of dither), same split and d-vectors
+    packed = mini.load_items(mini.pack(items, tmp_path / "pack.pt"))
+    step = (mini.PACK_HI - mini.PACK_LO) / 255
+    for it, pk in zip(items, packed, strict=True):
+        assert pk["split"] == it["split"] and pk["speaker"] == it["speaker"]
+        assert (pk["mel"] - it["mel"].clamp(mini.PACK_LO, mini.PACK_HI)).abs().max() <= step + 1e-5
+        assert torch.allclose(pk["dvec"], it["dvec"], atol=1e-3)
+
     # run A: straight through
     a = tmp_path / "a"
     mini.train_encoder(items, a, ST, 1e9)

@@ -109,6 +109,39 @@ def prepare(roots: list[Path], cache: Path) -> Path:
     return out
 
 
+PACK_LO, PACK_HI = math.log(1e-5), 4.0  # log-mel range stored by `pack` (8 bits: steps of 0.06 nats)
+
+
+def pack(items: list[dict], out: Path) -> Path:
+    """A compact copy of the prepared data (log-mels as 8-bit codes, d-vectors fp16) small enough to travel to a
+    GPU machine with the code (~30 MB for the project's corpora); `load_items` reads both formats."""
+    rows = []
+    for it in items:
+        q = ((it["mel"].clamp(PACK_LO, PACK_HI) - PACK_LO) / (PACK_HI - PACK_LO) * 255).round().to(torch.uint8)
+        rows.append({k: it[k] for k in ("speaker", "sex", "split")} | {"mel_q": q, "dvec": it["dvec"].half()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save(out, {"format": "cloak-mini-pack-1", "lo": PACK_LO, "hi": PACK_HI, "items": rows})
+    return out
+
+
+def load_items(path: Path, seed: int = 0) -> list[dict]:
+    """Prepared items from `prepare`'s data.pt or from a `pack` file (decoded with a fixed uniform dither of one
+    code step, so the training data stays continuous)."""
+    obj = torch.load(path, weights_only=False)
+    if isinstance(obj, list):
+        return obj
+    if obj.get("format") != "cloak-mini-pack-1":
+        raise ValueError(f"{path}: neither prepared data nor a cloak-mini pack")
+    step = (obj["hi"] - obj["lo"]) / 255
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for r in obj["items"]:
+        q = r["mel_q"].float()
+        mel = obj["lo"] + step * (q + torch.rand(q.shape, generator=gen) - 0.5)
+        items.append({k: r[k] for k in ("speaker", "sex", "split")} | {"mel": mel, "dvec": r["dvec"].float()})
+    return items
+
+
 def _crop(mel: torch.Tensor, frames: int, rng: random.Random) -> tuple[torch.Tensor, int, int]:
     t = mel.shape[1]
     if t >= frames:
@@ -198,18 +231,18 @@ def train_encoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
             log.info("encoder step %d loss %.4f", step, loss.item())
 
 
-def compute_means(items: list[dict], cache: Path) -> Path:
+def compute_means(items: list[dict], cache: Path, device: str = "cpu") -> Path:
     out = cache / "means.pt"
     if out.exists():
         return out
     model = DiffVC.from_config(MINI_CONFIG)
-    model.encoder.load_state_dict(torch.load(cache / "encoder.pt", weights_only=False)["encoder"])
-    model.eval()
+    model.encoder.load_state_dict(torch.load(cache / "encoder.pt", weights_only=False, map_location="cpu")["encoder"])
+    model.eval().to(device)
     means = []
     with torch.no_grad():
         for it in items:
-            mel = it["mel"][None]
-            means.append(model.average_voice(mel, torch.ones(1, 1, mel.shape[-1]))[0].clone())
+            mel = it["mel"][None].to(device)
+            means.append(model.average_voice(mel, torch.ones(1, 1, mel.shape[-1], device=device))[0].cpu().clone())
     _save(out, {"means": means})
     return out
 
@@ -231,27 +264,32 @@ def perturb_mean(mean: torch.Tensor, mask: torch.Tensor, rng: random.Random, max
 
 
 def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: float,
-                  init: Path | None = None) -> None:
+                  init: Path | None = None, device: str = "cpu") -> None:
     ckpt_path = cache / "decoder.pt"
     means = torch.load(cache / "means.pt", weights_only=False)["means"]
     train = [(it, mu) for it, mu in zip(items, means, strict=True) if it["split"] == "train"]
     _seed_all(st.seed + 1)  # the decoder's initial weights are part of the run
     model = DiffVC.from_config(MINI_CONFIG)
     model.encoder.load_state_dict(torch.load(cache / "encoder.pt", weights_only=False)["encoder"])
+    dev = torch.device(device)
+    model.to(dev)
     dec = model.decoder
     opt = torch.optim.Adam(dec.parameters(), lr=st.dec_lr)
     step = 0
-    gen = torch.Generator().manual_seed(st.seed)
+    gen = torch.Generator(device=dev).manual_seed(st.seed)
     ema: dict[str, torch.Tensor] | None = None
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location=dev)
         dec.load_state_dict(ck["decoder"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
-        gen.set_state(ck["gen"])
+        try:
+            gen.set_state(ck["gen"].cpu())
+        except RuntimeError:  # a checkpoint from another kind of device: continue with a re-seeded stream
+            gen.manual_seed(st.seed + step)
         ema = ck.get("ema")  # checkpoints from before the EMA start it from their weights
     elif init is not None and init.is_file():  # continue from a shipped checkpoint (fresh optimiser state)
-        ck = torch.load(init, weights_only=True)
+        ck = torch.load(init, weights_only=True, map_location=dev)
         model.load_state_dict(ck["state_dict"])
         step = int(ck["meta"].get("decoder_steps", 0))
         gen.manual_seed(st.seed + step)
@@ -284,9 +322,9 @@ def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
             mrefs.append(r[80:] * m)
             ms.append(m)
             cs.append(it["dvec"])
-        x, mu, ref, mref = torch.stack(xs), torch.stack(mus), torch.stack(refs), torch.stack(mrefs)
-        m, c = torch.stack(ms), torch.stack(cs)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.bf16):
+        x, mu, ref, mref = (torch.stack(v).to(dev) for v in (xs, mus, refs, mrefs))
+        m, c = torch.stack(ms).to(dev), torch.stack(cs).to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=st.bf16):
             loss = model.compute_loss(x * m, m, mu, ref * m, mref, c, generator=gen)
         opt.zero_grad()
         loss.backward()
@@ -325,28 +363,48 @@ def export(cache: Path, out: Path, st: TrainSettings, ema: bool = True) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n"
+                                "  python -m cloak.train.mini --hours 4 --threads 2            CPU recipe, resumable\n"
+                                "  python -m cloak.train.mini --stage pack --pack runs/pack.pt  data for a GPU box\n"
+                                "  python -m cloak.train.mini --items runs/pack.pt --cache runs/gpu --device cuda \\\n"
+                                "      --init cloak/data/cloak-mini.pt --dec-batch 64 --dec-frames 128 --hours 0.15")
     p.add_argument("--data", nargs="+", default=["../shared/corpus-train", "../shared/corpus"])
     p.add_argument("--cache", default="runs/mini")
-    p.add_argument("--stage", choices=["prepare", "encoder", "means", "decoder", "export", "all"], default="all")
+    p.add_argument("--stage", choices=["prepare", "pack", "encoder", "means", "decoder", "export", "all"],
+                   default="all")
     p.add_argument("--hours", type=float, default=6.0, help="wall-time budget of this run")
     p.add_argument("--out", default="runs/mini/cloak-mini.pt")
     p.add_argument("--dec-steps", type=int, default=TrainSettings.dec_steps)
+    p.add_argument("--dec-batch", type=int, default=TrainSettings.dec_batch)
+    p.add_argument("--dec-frames", type=int, default=TrainSettings.dec_frames)
+    p.add_argument("--dec-lr", type=float, default=TrainSettings.dec_lr)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the decoder and the means run there)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--pack", default=None, help="with --stage pack: write the compact data file here")
+    p.add_argument("--items", default=None, help="train from a pack file (or a data.pt) instead of preparing "
+                   "the corpora (on a machine without them)")
     p.add_argument("--init", default=None, help="continue the decoder from this exported checkpoint when the "
                    "cache has no decoder state (e.g. cloak/data/cloak-mini.pt on a fresh machine)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
-    st = TrainSettings(dec_steps=a.dec_steps, bf16=cpu_has_native_bf16())
-    log.info("settings %s", st)
+    dev = torch.device(a.device)
+    bf16 = cpu_has_native_bf16() if dev.type == "cpu" else dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    st = TrainSettings(dec_steps=a.dec_steps, dec_batch=a.dec_batch, dec_frames=a.dec_frames, dec_lr=a.dec_lr,
+                       bf16=bf16)
+    log.info("settings %s device %s", st, dev)
     cache = Path(a.cache)
     t_end = time.time() + a.hours * 3600
-    data = prepare([Path(r) for r in a.data], cache)
+    data = Path(a.items) if a.items else prepare([Path(r) for r in a.data], cache)
     if a.stage == "prepare":
         return
-    items = torch.load(data, weights_only=False)
+    items = load_items(data, st.seed)
+    if a.stage == "pack":
+        log.info("packed %s", pack(items, Path(a.pack or cache / "pack.pt")))
+        return
+    cache.mkdir(parents=True, exist_ok=True)
     if a.init and not (cache / "encoder.pt").exists():  # the decoder must keep the encoder it was trained with
         ck = torch.load(a.init, weights_only=True)
         model = DiffVC.from_config(MINI_CONFIG)
@@ -356,9 +414,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage in ("encoder", "all"):
         train_encoder(items, cache, st, t_end - time.time())
     if a.stage in ("means", "all"):
-        compute_means(items, cache)
+        compute_means(items, cache, a.device)
     if a.stage in ("decoder", "all"):
-        train_decoder(items, cache, st, t_end - time.time(), Path(a.init) if a.init else None)
+        train_decoder(items, cache, st, t_end - time.time(), Path(a.init) if a.init else None, a.device)
     if a.stage in ("export", "all"):
         log.info("exported %s", export(cache, Path(a.out), st))
 
