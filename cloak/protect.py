@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .audio import fit_to_budget, validate_samples
-from .bundle import Models
+from .bundle import BundleError, Models
 from .config import LOSS_NAMES, ProtectConfig
 from .features import DIFFVC_HOP, DIFFVC_RATE, GE2E_RATE, diffvc_mel, resample
 from .losses import context_log_probs, context_loss, identity_loss, score_loss, semantic_loss, summed_context
@@ -348,6 +348,12 @@ class ProtectionJob:
         self.cfg = config or ProtectConfig()
         self.models = models
         self.samples = validate_samples(audio, sample_rate, name="input audio")
+        if self.cfg.early_stop:
+            from .early_stop import unavailable_reason
+
+            reason = unavailable_reason(models.vocoder_dir)
+            if reason is not None:
+                raise BundleError(reason)
         self.sample_rate = sample_rate
         self.progress = progress
         self.cancel = cancel

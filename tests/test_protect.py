@@ -190,3 +190,16 @@ def test_early_stop_ends_windows_when_the_attacker_check_passes(tiny_models):
     assert [c["iteration"] for c in hard.metrics["early_stop_checks"][0]] == [2, 4]
     assert not any(c["met"] for c in hard.metrics["early_stop_checks"][0])
     assert np.abs(easy.audio - x).max() <= base.epsilon + 1e-7
+
+
+def test_early_stop_without_dnsmos_is_refused_before_any_work(tiny_models, monkeypatch):
+    import cloak.evaluate.metrics as metrics
+    from cloak.bundle import BundleError
+
+    def missing():
+        raise FileNotFoundError("DNSMOS needs the ONNX models shipped in the 'speechmos' package")
+
+    monkeypatch.setattr(metrics, "dnsmos_model_paths", missing)
+    x, sr = corpus_clip("librispeech_1998", 0, seconds=1.0)
+    with pytest.raises(BundleError, match="early_stop needs DNSMOS"):
+        ProtectionJob(x, sr, tiny_models, ProtectConfig(**FAST, early_stop=True))
