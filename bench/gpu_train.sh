@@ -10,13 +10,7 @@ set -uo pipefail
 OUT="${OUT:-runs/gpu-out}"
 MINUTES="${MINUTES:-7}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 3
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
-export PYTHONPATH="$(pwd):${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+source bench/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 "$PY" -m cloak.train.mini --items runs/pack.pt --cache /tmp/cloak-gpu --stage all --device cuda \
     --init cloak/data/cloak-mini.pt --dec-batch 64 --dec-frames 128 --dec-steps 1000000 \

@@ -1,0 +1,9 @@
+# Sourced by the GPU scripts: pick the device's Python (python3 holds torch there), install the wheels its image
+# lacks from .whl/ (bench/fetch_wheels.sh; carried by the device tool) into /tmp/site, put the repo on the path.
+PY="${PYTHON:-python3}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 3
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$(pwd):${PYTHONPATH:-}" PYTHONUNBUFFERED=1
