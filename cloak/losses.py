@@ -8,8 +8,13 @@ Interpretation choices where the paper is ambiguous (numbers refer to reference.
   L_ctx   DiffVC has self-attention only (4): the (B, 4, 32, 32) context matrices of the three down-path
           LinearAttention blocks `downs.{0,1,2}.2` are summed, softmaxed over the last axis; KL(P_ref || P_adv)
           summed over that axis and averaged over rows, heads and batch; P_ref (clean reference) is fixed (5).
-  L_score Per-sample L2 norm of the score over the masked (80 x T) map, batch mean (9); one estimator call per
-          repeat at t drawn from the first t_adv points of the T=100 sampler grid (8).
+  L_score Per-sample RMS of the score over the masked (80 x T) map, i.e. its L2 norm / sqrt(80 * frames), batch
+          mean (9); one estimator call per repeat at t drawn from the first t_adv points of the T=100 sampler grid
+          (8). Why RMS and not the plain L2 norm: near t = 1 the score is about -z / sigma, so its L2 norm is
+          ~sqrt(80 * frames) (~124 for 192 frames) whatever the model, and with lambda_score = 10 it outweighed the
+          other terms: measured on cloak-mini, the weighted L_score gradient was ~300x the L_ID one and the PGD sign
+          followed it alone (sign agreement 0.997; L_ID 0.46, L_sem 0.28, i.e. chance). The RMS is O(1) and
+          independent of the surrogate length, which is what the paper's weights imply.
   L_sem   Up-path features `ups.0`, `ups.1` (the two up blocks' outputs): 1 - cos(f_adv, f_clean) +
           cos(f_adv, f_noise), cosine over each sample's flattened feature, averaged over layers and batch.
           f_noise comes from Gaussian white noise used as both source and reference, fixed per job (10).
@@ -50,8 +55,10 @@ def context_loss(logp_ref: torch.Tensor, ctx_adv: torch.Tensor, axis: int = -1) 
 
 
 def score_loss(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample L2 norm of the masked score (B, 80, T), batch mean."""
-    return torch.linalg.vector_norm((score * mask).float().flatten(1), dim=1).mean()
+    """Per-sample RMS of the masked score (B, 80, T) over the masked region, batch mean."""
+    norm = torch.linalg.vector_norm((score * mask).float().flatten(1), dim=1)
+    cells = (mask.float().flatten(1).sum(1) * score.shape[1]).clamp_min(1.0)
+    return (norm / cells.sqrt()).mean()
 
 
 def sample_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

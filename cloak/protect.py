@@ -32,6 +32,9 @@ from .losses import context_log_probs, context_loss, identity_loss, score_loss, 
 from .models.diffvc_decoder import ScoreInternals
 from .models.ge2e import volume_gain
 
+# Changes whenever the same settings would give a different perturbation (caches of protected audio key on it).
+ENGINE_VERSION = "2: L_score as the score's RMS"
+
 
 class Cancelled(RuntimeError):
     """The job was cancelled through its cancel token."""

@@ -225,3 +225,16 @@ def test_sample_cosine_equals_flattened_cosine():
     want = F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
     assert torch.allclose(sample_cosine(a, b), want, atol=1e-6)
     assert torch.allclose(sample_cosine(a, a), torch.ones(3), atol=1e-6)
+
+
+def test_score_loss_is_an_rms_independent_of_length_and_mask():
+    from cloak.losses import score_loss
+
+    for frames in (48, 192):
+        s = torch.full((2, 80, frames), 3.0)
+        mask = torch.ones(2, 1, frames)
+        assert score_loss(s, mask).item() == pytest.approx(3.0)
+        mask[:, :, frames // 2:] = 0  # padding does not dilute it
+        assert score_loss(s, mask).item() == pytest.approx(3.0)
+    z = torch.randn(4, 80, 192, generator=torch.Generator().manual_seed(0))
+    assert score_loss(z, torch.ones(4, 1, 192)).item() == pytest.approx(1.0, abs=0.02)  # the score near t=1: ~-z/sigma

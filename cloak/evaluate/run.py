@@ -43,7 +43,7 @@ from ..audio import read_audio, to_mono, write_audio
 from ..bundle import BundleError, Models
 from ..config import ProtectConfig
 from ..corpus import Speaker, list_speakers
-from ..protect import Cancelled, CancelToken
+from ..protect import ENGINE_VERSION, Cancelled, CancelToken
 from . import metrics as M
 from .transforms import get_transforms
 
@@ -314,7 +314,7 @@ class Evaluation:
                                   "steps": settings.steps, "mode": settings.mode, "seed": settings.seed,
                                   "max_seconds": settings.max_seconds,
                                   "encoders": [(e.name, e.checksum) for e in self.encoders]})
-        self.protect_fp = _digest({"attack": self.attack_fp, "config": self.cfg.to_dict()})
+        self.protect_fp = _digest({"attack": self.attack_fp, "config": self.cfg.to_dict(), "engine": ENGINE_VERSION})
         self._dnsmos: M.DNSMOS | None = None
         self._bar: Any = None
 
