@@ -198,7 +198,7 @@ class JobRecord:
         with self._lock:
             if self.accepted_event is not None:
                 s.put(("event", self.accepted_event))
-            if self.state == pb.JOB_STATE_QUEUED and self.queued_event is not None:
+            if self.queued_event is not None:  # the lifecycle so far, also when the job has started meanwhile
                 s.put(("event", self.queued_event))
             if self.state != pb.JOB_STATE_QUEUED:
                 for ev in (self.started_event, self.progress_event):

@@ -121,16 +121,18 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             self.sched.release()
             raise
         rec = JobRecord(upload, samples, header.client_name or peer_host(peer), header.keep_on_disconnect, peer)
+        sub = rec.subscribe()  # before submit: the stream sees every event, however fast the scheduler moves
         try:
             self.sched.submit(rec)
         except NotAccepting as e:
             self._reject(context, grpc.StatusCode.UNAVAILABLE, str(e), "rejected_draining", peer)
         if not context.add_callback(lambda: self.sched.on_rpc_end(rec)):
             self.sched.on_rpc_end(rec)
-        yield from self._follow(rec, context, pb.ProtectResponse)
+        yield from self._follow(rec, context, pb.ProtectResponse, sub)
 
-    def _follow(self, rec: JobRecord, context: grpc.ServicerContext, wrap: Callable[..., Any]) -> Iterator[Any]:
-        sub = rec.subscribe()
+    def _follow(self, rec: JobRecord, context: grpc.ServicerContext, wrap: Callable[..., Any],
+                sub: Any = None) -> Iterator[Any]:
+        sub = rec.subscribe() if sub is None else sub
         last, last_at = None, time.monotonic()
         try:
             while True:
