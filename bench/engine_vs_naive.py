@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive import naive_window_delta  # noqa: E402
 
 from cloak.bank import VoiceBank  # noqa: E402
-from cloak.bundle import Models  # noqa: E402
+from cloak.bundle import Models, prepare_diffvc  # noqa: E402
 from cloak.config import ProtectConfig  # noqa: E402
 from cloak.models import GE2E, DiffVC  # noqa: E402
 from cloak.protect import ProtectionJob, run_jobs  # noqa: E402
@@ -50,8 +50,8 @@ def main() -> None:
             if n.endswith(".g"):
                 prm.fill_(0.1)
     dv = dv.eval().requires_grad_(False)
-    models = Models(diffvc=copy.deepcopy(dv).to(memory_format=torch.channels_last), ge2e=GE2E.load(),
-                    bank=VoiceBank(), device=torch.device("cpu"))  # as load_models() prepares it
+    models = Models(diffvc=prepare_diffvc(copy.deepcopy(dv)), ge2e=GE2E.load(), bank=VoiceBank(),
+                    device=torch.device("cpu"))  # as load_models() prepares it
     x, sr = sf.read(str(sorted((CORPUS / "librispeech_1688").iterdir())[0]), dtype="float32")
     x = x[: int(a.seconds * sr)]
     cfg = ProtectConfig(iterations=a.iterations, repeats=a.repeats, source_frames=a.source_frames, gender="male",

@@ -24,10 +24,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cloak.bank import VoiceBank
-from cloak.bundle import Models, compile_estimator, load_models, resolve_precision
+from cloak.bundle import Models, load_models, prepare_diffvc, resolve_precision
 from cloak.config import ProtectConfig
 from cloak.models import GE2E, DiffVC
-from cloak.models.diffvc_decoder import RefBlock
 from cloak.protect import ProtectionJob, pgd_step, run_jobs
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -68,13 +67,7 @@ def models_for(kind: str, device: torch.device, precision: str = "auto", compile
         for n, p in dv.named_parameters():
             if n.endswith(".g"):
                 p.fill_(0.1)
-    dv = dv.to(device).eval().requires_grad_(False)
-    dv.to(memory_format=torch.channels_last)  # as load_models prepares it
-    for module in dv.modules():
-        if isinstance(module, RefBlock):
-            module.to(memory_format=torch.contiguous_format)
-    if compile:
-        compile_estimator(dv)
+    prepare_diffvc(dv, device, compile)  # as load_models prepares it
     return Models(diffvc=dv, ge2e=GE2E.load(device=device), bank=VoiceBank(), device=device,
                   precision=resolve_precision(precision, device), compiled=compile)
 

@@ -54,10 +54,10 @@ def random_models(size: str, device: str = "cpu", precision: str = "auto") -> ob
         for n, prm in dv.named_parameters():
             if n.endswith(".g"):
                 prm.fill_(0.1)
-    from cloak.bundle import resolve_precision
+    from cloak.bundle import prepare_diffvc, resolve_precision
 
     dev = torch.device(device)
-    dv = dv.to(dev).eval().requires_grad_(False)
+    prepare_diffvc(dv, dev)  # as load_models prepares it
     return Models(diffvc=dv, ge2e=GE2E.load(device=dev), bank=VoiceBank(), device=dev,
                   precision=resolve_precision(precision, dev))
 

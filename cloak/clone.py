@@ -76,9 +76,17 @@ def clone(source: np.ndarray, source_rate: int, reference: np.ndarray, reference
                    source_rate, DIFFVC_RATE)
     ref = resample(torch.from_numpy(to_mono(validate_samples(reference, reference_rate, name="reference"))),
                    reference_rate, DIFFVC_RATE)
-    src_mel = diffvc_mel(src[None].to(dev))
-    ref_mel = diffvc_mel(ref[None].to(dev))
-    c = reference_embedding(models, ref[None].to(dev))
+    return convert_mel(models, diffvc_mel(src[None].to(dev)), ref[None].to(dev), steps, mode, seed, postfilter)
+
+
+@torch.no_grad()
+def convert_mel(models: Models, src_mel: torch.Tensor, ref22: torch.Tensor, steps: int = 30, mode: str = "ml",
+                seed: int | None = 0, postfilter: bool = True) -> CloneResult:
+    """The conversion itself, from a source log-mel (1, 80, T) and a reference waveform (1, N) at 22.05 kHz, both
+    on the models' device (the engine's early stop calls this with its surrogate source)."""
+    dev = models.device
+    ref_mel = diffvc_mel(ref22)
+    c = reference_embedding(models, ref22)
     gen = torch.Generator(device=dev)
     gen.manual_seed(0 if seed is None else seed)
     mel = models.diffvc.convert(src_mel, torch.tensor([src_mel.shape[-1]], device=dev), ref_mel,

