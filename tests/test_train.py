@@ -75,3 +75,31 @@ def test_split_resume_and_export(tmp_path):
     assert models.diffvc.config == mini.MINI_CONFIG
     assert torch.equal(models.diffvc.decoder.estimator.final_conv.bias,
                        da["ema"]["estimator.final_conv.bias"])
+
+
+def test_strong_mean_perturbation_randomises_the_timbre_the_mild_one_keeps():
+    """The decoder must not be able to read the voice off its prior mean: over many draws the strong perturbation
+    moves a mean's long-term spectrum (the timbre) by far more than the mild one; the mild one draws exactly as
+    before (same random stream, same values), so checkpoints before `strong_mean_from` resume bit for bit."""
+    import random
+
+    n, t = 80, 64
+    mean = torch.linspace(-2.0, -8.0, n)[:, None].repeat(1, t) + 0.3 * torch.sin(torch.arange(t) / 5.0)
+    mask = torch.ones(1, t)
+
+    def timbre_spread(**kw):
+        rng = random.Random(0)
+        profiles = torch.stack([mini.perturb_mean(mean, mask, rng, **kw).mean(1) for _ in range(200)])
+        return float((profiles - mean.mean(1)).std(0).mean())
+
+    mild, strong = timbre_spread(), timbre_spread(**mini.STRONG_PERTURBATION)
+    assert strong > 1.5 * mild
+    r1, r2 = random.Random(5), random.Random(5)
+    a = mini.perturb_mean(mean, mask, r1)
+    alpha, gain = 1.0 + r2.uniform(-0.15, 0.15), r2.uniform(-1.0, 1.0)
+    pos = (torch.arange(n, dtype=mean.dtype) * alpha).clamp(0, n - 1)
+    lo = pos.floor().long()
+    w = (pos - lo)[:, None]
+    expected = (mean[lo] * (1 - w) + mean[(lo + 1).clamp(max=n - 1)] * w + gain) * mask
+    assert torch.allclose(a, expected)
+    assert r1.random() == r2.random()
