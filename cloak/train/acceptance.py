@@ -48,11 +48,14 @@ def _enroll(embs: list[torch.Tensor]) -> torch.Tensor:
 
 def clone_pair_scores(models: Models, src_file: Path, ref_file: Path, enroll_src: torch.Tensor,
                       enroll_ref: torch.Tensor, steps: int = 30, seed: int = 0,
-                      dnsmos: Any = None) -> dict[str, float]:
+                      dnsmos: Any = None, embeddings: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """GE2E cosines of one clone; the clone's embedding is appended to `embeddings` when given."""
     src, ref = read_audio(src_file), read_audio(ref_file)
     out = clone(src.samples, src.sample_rate, ref.samples, ref.sample_rate, models, steps=steps, seed=seed)
     e_clone = _embed(models, out.audio, out.sample_rate)
     e_src = _embed(models, to_mono(src.samples), src.sample_rate)
+    if embeddings is not None:
+        embeddings.append(e_clone)
     scores = {"clone_vs_ref": _cos(e_clone, enroll_ref), "clone_vs_src": _cos(e_clone, enroll_src),
               "source_vs_ref": _cos(e_src, enroll_ref)}
     if dnsmos is not None:
@@ -71,6 +74,7 @@ def run(models: Models, corpus: Path = CORPUS, pairs_per_speaker_pair: int = 2, 
     speakers = {s.name: s for s in list_speakers(corpus) if s.name in VAL_SPEAKERS}
     files = {n: s.files for n, s in speakers.items()}
     rows = []
+    clones_of: dict[str, list[torch.Tensor]] = {}  # source file -> embeddings of its clones (one per reference)
     for a, b in itertools.permutations(sorted(speakers), 2):
         for k in range(pairs_per_speaker_pair):
             src_f, ref_f = files[a][k], files[b][k]
@@ -78,13 +82,18 @@ def run(models: Models, corpus: Path = CORPUS, pairs_per_speaker_pair: int = 2, 
                                 for f in files[a] if f != src_f])
             enroll_b = _enroll([_embed(models, to_mono(read_audio(f).samples), read_audio(f).sample_rate)
                                 for f in files[b] if f != ref_f])
-            s = clone_pair_scores(models, src_f, ref_f, enroll_a, enroll_b, steps, dnsmos=dnsmos)
+            s = clone_pair_scores(models, src_f, ref_f, enroll_a, enroll_b, steps, dnsmos=dnsmos,
+                                  embeddings=clones_of.setdefault(str(src_f), []))
             rows.append({"source": str(src_f.name), "reference": str(ref_f.name), "source_speaker": a,
                          "reference_speaker": b, **s})
     closer = float(np.mean([r["clone_vs_ref"] > r["clone_vs_src"] for r in rows]))
     gain = float(np.mean([r["clone_vs_ref"] for r in rows]) - np.mean([r["source_vs_ref"] for r in rows]))
     mean_ref = float(np.mean([r["clone_vs_ref"] for r in rows]))
-    return {"pairs": rows, "closer_rate": closer, "mean_clone_vs_ref": mean_ref,
+    # does the reference matter at all? GE2E cosine between clones of one source made with different references
+    # (1.0 = the model ignores its reference; real utterances of different speakers here: ~0.5-0.6)
+    same_source = [_cos(x, y) for es in clones_of.values() for i, x in enumerate(es) for y in es[i + 1:]]
+    return {"clone_vs_clone_same_source": float(np.mean(same_source)) if same_source else None,
+            "pairs": rows, "closer_rate": closer, "mean_clone_vs_ref": mean_ref,
             "mean_source_vs_ref": float(np.mean([r["source_vs_ref"] for r in rows])), "similarity_gain": gain,
             "criteria": {"closer_rate>=0.8": closer >= 0.8, "gain>=0.10": gain >= 0.10},
             "dnsmos_ovrl_clones": _mean_of(rows, "dnsmos_ovrl_clone"),

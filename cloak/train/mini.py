@@ -59,6 +59,11 @@ class TrainSettings:
     # envelope): at step 2,500 the decoder still ignored the d-vector and the RefBlock (clones of one source with
     # three different references were 0.99-1.00 GE2E-identical; the score moved ~1 % when c changed)
     strong_mean_from: int = 2500
+    # from this decoder step on, half of every batch draws t from [0.6, 1) instead of [0, 1): the voice of a
+    # conversion is decided at large t (x_t is then mostly the source's mean plus noise), where x_t no longer shows
+    # the target's timbre and only c / the RefBlock can tell it; under U(0, 1) those times are rare and their loss
+    # share small, so the decoder learnt to read the voice off x_t instead
+    late_t_from: int = 3250
     ema_decay: float = 0.999  # exported decoder = exponential moving average of the weights (steadier samples)
     bf16: bool = False  # only where the CPU has native bf16 (AMX / AVX512-BF16); emulated bf16 is ~20x slower
 
@@ -341,7 +346,12 @@ def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
         x, mu, ref, mref = (torch.stack(v).to(dev) for v in (xs, mus, refs, mrefs))
         m, c = torch.stack(ms).to(dev), torch.stack(cs).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=st.bf16):
-            loss = model.compute_loss(x * m, m, mu, ref * m, mref, c, generator=gen)
+            if step >= st.late_t_from:
+                t = torch.rand(x.shape[0], generator=gen, dtype=x.dtype, device=dev).clamp(1e-5, 1 - 1e-5)
+                t[::2] = 0.6 + 0.4 * t[::2]
+                loss = model.decoder.loss_t(x * m, m, mu, ref * m, mref, c, t, generator=gen)
+            else:  # the official t ~ U(0, 1)
+                loss = model.compute_loss(x * m, m, mu, ref * m, mref, c, generator=gen)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
