@@ -326,8 +326,9 @@ class Diffusion(nn.Module):
 
     def loss_t(self, x0: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, x_ref: torch.Tensor,
                mean_ref: torch.Tensor, c: torch.Tensor, t: torch.Tensor, ref_mask: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Score-matching loss at times t (B,), as the official training: masked mean of (s*sqrt(var) + z)^2."""
+               generator: torch.Generator | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Score-matching loss at times t (B,), as the official training: masked mean of (s*sqrt(var) + z)^2.
+        `weight` (B,) scales each sample's share (None = the official loss; all ones gives the same value)."""
         ref_mask = mask if ref_mask is None else ref_mask
         xt_mean = self.compute_diffused_mean(x0, mask, mean, t)
         var = self.variance(t)
@@ -336,7 +337,10 @@ class Diffusion(nn.Module):
         z = z * mask
         xt_ref = self.compute_diffused_mean(x_ref, ref_mask, mean_ref, t).unsqueeze(1)
         est = self.estimator(xt, mask, mean, xt_ref, ref_mask, c, t) * torch.sqrt(var)
-        return torch.sum((est + z) ** 2) / (torch.sum(mask) * self.n_feats)
+        err = (est + z) ** 2
+        if weight is not None:
+            err = err * weight.to(err.dtype).view(-1, *([1] * (err.dim() - 1)))
+        return torch.sum(err) / (torch.sum(mask) * self.n_feats)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = 4) -> torch.Tensor:
