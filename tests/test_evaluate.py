@@ -238,6 +238,16 @@ def test_quick_run_report_schema_plots_and_resume(evaluate_main, tmp_path, two_s
     for it in r["items"]:
         assert -1 <= it["scores"]["ge2e"] <= 1 and 0 < it["dnsmos"]["ovrl"] < 5  # polynomial-mapped MOS
         assert it["source_speaker"] != it["speaker"]
+        assert -1 <= it["source_scores"]["ge2e"] <= 1 and it["source_scores"]["ge2e"] != it["scores"]["ge2e"]
+    ac = r["attacker_check"]
+    assert ac["available"] and ac["n"] == 2 and ac["closer_to_target_rate"]["mean"] in (0.0, 0.5, 1.0)
+    assert ac["clones"] == (ac["closer_to_target_rate"]["mean"] > 0.5)
+    # the reference recordings themselves, per condition: real speech of the speaker is accepted clean
+    ri = r["reference_identity"]
+    assert set(ri) == set(r["conditions"])
+    assert ri["clean"]["ge2e"]["score"]["mean"] > 0.7 and "delta_vs_clean" not in ri["clean"]["ge2e"]
+    assert ri["protected+resample_16k"]["ge2e"]["score"] == ri["protected"]["ge2e"]["score"]  # identity at 16 kHz
+    assert ri["protected"]["ge2e"]["delta_vs_clean"]["n"] == 2
     for name, c in r["conditions"].items():
         assert c["n"] == 2
         assert set(c["dnsmos"]) == {"sig", "bak", "ovrl", "p808"}
@@ -258,7 +268,8 @@ def test_quick_run_report_schema_plots_and_resume(evaluate_main, tmp_path, two_s
         assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     for heading in ("| setting | ASV accept | DNSMOS OVRL | DSR | PESQ | MCD (dB) | SNR (dB) | STOI |",
-                    "## Robustness", "## ASV calibration", "## Imperceptibility", "white-box", "mp3_32"):
+                    "## Robustness", "## ASV calibration", "## Imperceptibility", "white-box", "mp3_32",
+                    "## Attacker check", "## Identity of the reference recording itself"):
         assert heading in md
     # resume: a second run recomputes nothing (protect and clone would fail) and reports the same numbers
     import cloak
@@ -289,3 +300,18 @@ def test_cancelled_run_raises_and_writes_no_report(tmp_path, two_speakers):
     with pytest.raises(Cancelled):
         evaluate(settings, models, cancel=token, progress=False, log=lambda m: None)
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_attacker_check_flags_an_attacker_that_keeps_the_source_voice():
+    from cloak.evaluate.report import _attacker_note, attacker_check
+
+    def item(to_target, to_source):
+        return {"scores": {"ge2e": to_target}, "source_scores": {"ge2e": to_source}}
+
+    keeps = attacker_check([item(0.6, 0.7), item(0.55, 0.72), item(0.7, 0.65)], "ge2e", 200, 0)
+    assert keeps["n"] == 3 and abs(keeps["closer_to_target_rate"]["mean"] - 1 / 3) < 1e-9 and not keeps["clones"]
+    assert keeps["clone_vs_source"]["mean"] > keeps["clone_vs_target"]["mean"]
+    assert "source" in _attacker_note(keeps)[0]
+    clones = attacker_check([item(0.8, 0.5), item(0.75, 0.6)], "ge2e", 200, 0)
+    assert clones["clones"] and _attacker_note(clones) == []
+    assert not attacker_check([{"scores": {"ge2e": 0.5}}], "ge2e", 200, 0)["available"]  # old cache records

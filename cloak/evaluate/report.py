@@ -135,6 +135,8 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
     model_info = [i.to_dict() for i in ev.models.info]
     dnsmos_info = ev._dnsmos.info if ev._dnsmos is not None else None
     headline = _headline(conditions, imperceptibility, primary, thresholds.get(primary))
+    attacker = attacker_check(by_cond.get("clean", []), primary, n_boot, seed + 50)
+    reference_identity = summarize_reference_identity(protected, enc_names, thresholds, n_boot, seed + 60)
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -169,6 +171,8 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
         "headline": headline,
         "imperceptibility": imperceptibility,
         "reference_quality": reference_quality,
+        "reference_identity": reference_identity,
+        "attacker_check": attacker,
         "conditions": conditions,
         "calibration_scores": {k: {"target": v.get("target", []), "nontarget": v.get("nontarget", [])}
                                for k, v in calibration.items()},
@@ -176,11 +180,65 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
         "items": items,
         "cache": {"dir": str(s.cache), "attack_fingerprint": ev.attack_fp, "protect_fingerprint": ev.protect_fp,
                   **ev.stats},
-        "notes": _notes(ev, primary, matched),
+        "notes": _notes(ev, primary, matched) + _attacker_note(attacker),
     }
     from .run import _clean_json
 
     return _clean_json(report)
+
+
+def attacker_check(clean_items: list[dict[str, Any]], primary: str, n_boot: int, seed: int) -> dict[str, Any]:
+    """Does the attacker clone? On clones of *clean* references: cosine to the target (reference) speaker vs to the
+    source speaker, with the primary encoder. A model that keeps the source's voice (closer to the source in most
+    clones) cannot show what a cloak does: its clones do not depend on the reference."""
+    rows = [(it["scores"].get(primary), it["source_scores"].get(primary)) for it in clean_items
+            if it.get("source_scores") and it["scores"].get(primary) is not None
+            and it["source_scores"].get(primary) is not None]
+    if not rows:
+        return {"encoder": primary, "available": False, "reason": "no clone carries source-speaker scores"}
+    to_ref, to_src = zip(*rows, strict=True)
+    closer = [float(a > b) for a, b in rows]
+    rate = M.summarize(closer, n_boot, seed)
+    return {"encoder": primary, "available": True, "n": len(rows),
+            "clone_vs_target": M.summarize(to_ref, n_boot, seed + 1),
+            "clone_vs_source": M.summarize(to_src, n_boot, seed + 2),
+            "closer_to_target_rate": rate, "clones": bool(rate["mean"] is not None and rate["mean"] > 0.5)}
+
+
+def _attacker_note(check: dict[str, Any]) -> list[str]:
+    if not check.get("available") or check["clones"]:
+        return []
+    r = check["closer_to_target_rate"]["mean"]
+    return [f"Attacker check failed: clones of clean references are closer to their *source* speaker than to the "
+            f"reference speaker in {100 * (1 - r):.0f} % of cases ({check['encoder']}): this attacker keeps the "
+            "source's voice, so its clones barely depend on the reference and the clone-level figures below "
+            "cannot show an effect of the cloak. The reference-level identity table still measures the cloak."]
+
+
+def summarize_reference_identity(protected: list[dict[str, Any]], encoders: list[str],
+                                 thresholds: dict[str, float | None], n_boot: int, seed: int) -> dict[str, Any]:
+    """Per reference condition (clean, protected, protected+T, clean+T) and encoder: cosine of the reference
+    recording itself to its speaker's enrollment, the ASV acceptance of it, and the paired shift vs clean."""
+    conds: list[str] = []
+    for p in protected:
+        conds += [c for c in p.get("reference_identity", {}) if c not in conds]
+    out: dict[str, Any] = {}
+    for c in conds:
+        out[c] = {}
+        for k, e in enumerate(encoders):
+            pairs = [(p["reference_identity"][c].get(e), p["reference_identity"].get("clean", {}).get(e))
+                     for p in protected if c in p.get("reference_identity", {})]
+            vals = [a for a, _ in pairs]
+            node: dict[str, Any] = {"score": M.summarize(vals, n_boot, seed + k)}
+            thr = thresholds.get(e)
+            if thr is not None:
+                node["accept_rate"] = M.summarize([float(v >= thr) for v in vals if v is not None], n_boot,
+                                                  seed + 100 + k)
+            if c != "clean":
+                node["delta_vs_clean"] = M.summarize([a - b for a, b in pairs if a is not None and b is not None],
+                                                     n_boot, seed + 200 + k)
+            out[c][e] = node
+    return out
 
 
 def _headline(conditions: dict[str, Any], imp: dict[str, Any], primary: str, thr: float | None) -> dict[str, Any]:
@@ -291,6 +349,31 @@ def render_markdown(r: dict[str, Any]) -> str:
                      f"{cname} | {_num(a.get('score'), '.3f')} | {_pct(a.get('accept_rate'))} | "
                      f"{_signed(delta) if delta else '—'} |")
     L.append("")
+    ac = r.get("attacker_check", {})
+    if ac.get("available"):
+        L.append("## Attacker check (does the attacker clone?)")
+        L.append("")
+        L.append(f"Clones of clean references, {ac['encoder']}: cosine to the reference (target) speaker "
+                 f"{_num(ac['clone_vs_target'], '.3f')}, to the source speaker {_num(ac['clone_vs_source'], '.3f')}; "
+                 f"closer to the target in {_pct(ac['closer_to_target_rate'])} of {ac['n']} clones. "
+                 + ("The attacker clones: clone-level figures measure the cloak." if ac["clones"] else
+                    "**The attacker keeps the source's voice: clone-level figures cannot show the cloak's effect.**"))
+        L.append("")
+    ri = r.get("reference_identity", {})
+    if ri:
+        L.append("## Identity of the reference recording itself (no attacker)")
+        L.append("")
+        L.append("What a speaker encoder hears in the recording the attacker would download: cosine of the reference "
+                 "to its speaker's enrollment, acceptance at the calibrated threshold, and the paired shift vs the "
+                 "clean reference. This is the signal DiffVC conditions on (its GE2E d-vector); white-box for GE2E.")
+        L.append("")
+        L.append("| reference | encoder | mean cosine | accept | Δ cosine vs clean |")
+        L.append("|---|---|---|---|---|")
+        for cname, per_enc in ri.items():
+            for ename, node in per_enc.items():
+                L.append(f"| {cname} | {ename} | {_num(node['score'], '.3f')} | {_pct(node.get('accept_rate'))} | "
+                         f"{_signed(node.get('delta_vs_clean')) if node.get('delta_vs_clean') else '—'} |")
+        L.append("")
     L.append("## Naturalness of the clones (DNSMOS)")
     L.append("")
     L.append("| condition | SIG | BAK | OVRL | P.808 | ΔOVRL vs clean |")

@@ -9,8 +9,10 @@ For each evaluated speaker s, for each of its first N utterances u (trimmed to `
    ("protected"), and, for robustness, the protected u after each transform ("protected+T") with, as baselines,
    the clean u after the same transform ("clean+T");
 3. every clone is scored: speaker cosine against the enrollment of s (mean embedding of s's *other* clean
-   utterances) for every speaker encoder available, and DNSMOS P.835 / P.808;
-4. the cloak itself is measured on u: PESQ (wide-band), STOI, SNR, MCD, l-inf.
+   utterances) for every speaker encoder available, and DNSMOS P.835 / P.808; and against the enrollment of its
+   source speaker (the attacker check: a model that keeps the source's voice cannot show a cloak's effect);
+4. the cloak itself is measured on u: PESQ (wide-band), STOI, SNR, MCD, l-inf, and the speaker encoders' cosine
+   of the reference itself (clean, protected, protected + each transform) to the enrollment of s.
 
 ASV thresholds are calibrated at the EER on clean trials of the same speaker set (leave-one-out enrollment vs
 utterance: target = an utterance against the enrollment of its speaker's other utterances, non-target = against
@@ -416,7 +418,10 @@ class Evaluation:
     # ---- cloning
 
     def clone_item(self, utt: Utterance, source: Path, condition: str, reference: np.ndarray, sr: int,
-                   enroll: dict[str, np.ndarray], protected_cache: bool, save: bool) -> dict[str, Any]:
+                   enroll: dict[str, np.ndarray], protected_cache: bool, save: bool,
+                   enroll_source: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Clone `source` with `reference`; scores against the target speaker's enrollment and, when given, the
+        source speaker's (`source_scores`: is the attacker cloning at all, or keeping the source's voice?)."""
         from ..clone import clone
 
         fp = self.protect_fp if protected_cache else self.attack_fp
@@ -424,7 +429,7 @@ class Evaluation:
         name = f"{_safe(source.parent.name)}__{_safe(source.stem)}__{_safe(condition)}"
         rec_path = root / f"{name}.json"
         rec = read_json(rec_path)
-        if rec is not None:
+        if rec is not None and (enroll_source is None or "source_scores" in rec):
             self.stats["clones"]["reused"] += 1
             return rec
         src, src_sr = self._load(source, self.s.max_seconds)
@@ -433,11 +438,14 @@ class Evaluation:
         seconds = time.perf_counter() - t0
         wave = np.clip(np.nan_to_num(r.audio), -1.0, 1.0).astype(np.float32)
         w16 = M.to_rate(wave, r.sample_rate, 16_000)
-        scores = {e.name: M.cosine(e.embed(w16), enroll[e.name]) for e in self.encoders}
+        embs = {e.name: e.embed(w16) for e in self.encoders}
+        scores = {k: M.cosine(v, enroll[k]) for k, v in embs.items()}
         rec = {"speaker": utt.speaker.name, "sex": utt.speaker.sex, "utterance": str(utt.path),
                "source": str(source), "source_speaker": source.parent.name, "condition": condition,
                "scores": scores, "dnsmos": self.dnsmos(wave, r.sample_rate), "clone_seconds": seconds,
                "seconds_audio": wave.size / r.sample_rate}
+        if enroll_source is not None:
+            rec["source_scores"] = {k: M.cosine(v, enroll_source[k]) for k, v in embs.items()}
         if save:
             root.mkdir(parents=True, exist_ok=True)
             write_audio(root / f"{name}.wav", wave, r.sample_rate, subtype="FLOAT", overwrite=True)
@@ -511,7 +519,15 @@ class Evaluation:
                     refs.append((f"protected+{t.name}", ty, True, t.name, "protected"))
                     if s.transform_baselines:
                         refs.append((f"clean+{t.name}", t(x, sr, seed_t), False, t.name, "clean"))
+                # what the cloak does to the recording itself, as each speaker encoder hears it (no attacker)
+                prec["reference_identity"] = {
+                    cond: {k: M.cosine(np.asarray(v, np.float32), enroll_vecs[k])
+                           for k, v in self._embed_all(ref, sr).items()} for cond, ref, *_ in refs}
                 for src in sources:
+                    src_spk = src.parent.name
+                    others = [v for fname, v in emb.get(src_spk, {}).items() if fname != src.name]
+                    enroll_src = {e.name: M.enrollment([v[e.name] for v in others])
+                                  for e in self.encoders} if others else None
                     base: dict[str, dict[str, Any]] = {}
                     for cond, ref, prot, tname, kind in refs:
                         self._check_cancel()
@@ -520,7 +536,7 @@ class Evaluation:
                             rec = dict(base[kind], condition=cond, identity_transform=True)
                         else:
                             rec = self.clone_item(utt, src, cond, ref, sr, enroll_vecs, protected_cache=prot,
-                                                  save=s.save_audio and tname is None)
+                                                  save=s.save_audio and tname is None, enroll_source=enroll_src)
                             rec = dict(rec, identity_transform=False)
                         rec.update(kind=kind, transform=tname, gender_matched=matched)
                         if tname is None:
