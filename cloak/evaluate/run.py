@@ -421,7 +421,8 @@ class Evaluation:
                    enroll: dict[str, np.ndarray], protected_cache: bool, save: bool,
                    enroll_source: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         """Clone `source` with `reference`; scores against the target speaker's enrollment and, when given, the
-        source speaker's (`source_scores`: is the attacker cloning at all, or keeping the source's voice?)."""
+        source speaker's (`source_scores`; the run asks for them on clean references: is the attacker cloning at
+        all, or keeping the source's voice?)."""
         from ..clone import clone
 
         fp = self.protect_fp if protected_cache else self.attack_fp
@@ -536,7 +537,8 @@ class Evaluation:
                             rec = dict(base[kind], condition=cond, identity_transform=True)
                         else:
                             rec = self.clone_item(utt, src, cond, ref, sr, enroll_vecs, protected_cache=prot,
-                                                  save=s.save_audio and tname is None, enroll_source=enroll_src)
+                                                  save=s.save_audio and tname is None,
+                                                  enroll_source=enroll_src if cond == "clean" else None)
                             rec = dict(rec, identity_transform=False)
                         rec.update(kind=kind, transform=tname, gender_matched=matched)
                         if tname is None:
