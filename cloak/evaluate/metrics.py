@@ -185,6 +185,29 @@ class WavLMEncoder(SpeakerEncoder):
             return self.model.embed(w)[0].float().cpu().numpy()
 
 
+class EcapaEncoder(SpeakerEncoder):
+    """The paper's black-box ASV: speechbrain's ECAPA-TDNN (spkrec-ecapa-voxceleb) from the bundle's ecapa/ directory,
+    run natively (cloak.models.ecapa); accept at its fixed cosine threshold (0.25), not an EER calibration."""
+
+    name = "ecapa"
+
+    def __init__(self, ecapa: Any, device: Any = "cpu", white_box: bool = False) -> None:
+        from ..models.ecapa import ECAPA_THRESHOLD
+
+        self.model = ecapa
+        self.device = device
+        self.white_box = white_box
+        self.checksum = getattr(ecapa, "checksum", None)
+        self.fixed_threshold = ECAPA_THRESHOLD
+
+    def embed(self, wave16k: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            w = torch.from_numpy(np.asarray(wave16k, np.float32))[None].to(self.device)
+            return self.model.embed(w)[0].float().cpu().numpy()
+
+
 # -------------------------------------------------------------------------------------------- DNSMOS
 
 # Microsoft DNS-Challenge DNSMOS/dnsmos_local.py: 3rd-order polynomial fits of the P.835 net outputs (non-personalised)

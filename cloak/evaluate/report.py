@@ -127,7 +127,9 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
         if name in calibration:
             cal = calibration[name]
             e["threshold"] = thresholds.get(name)
-            e["threshold_source"] = "EER calibration on clean trials of this speaker set"
+            e["threshold_source"] = ("fixed: the paper's published acceptance threshold (the EER calibration is "
+                                     "reported alongside)" if info.get("fixed_threshold") is not None
+                                     else "EER calibration on clean trials of this speaker set")
             e["calibration"] = {k: v for k, v in cal.items() if k not in ("target", "nontarget")}
         encoders[name] = e
     transforms = {t.name: t.description for t in ev.transforms}

@@ -16,7 +16,9 @@ For each evaluated speaker s, for each of its first N utterances u (trimmed to `
 
 ASV thresholds are calibrated at the EER on clean trials of the same speaker set (leave-one-out enrollment vs
 utterance: target = an utterance against the enrollment of its speaker's other utterances, non-target = against
-every other speaker's enrollment), the same kind of trial the clones are scored with.
+every other speaker's enrollment), the same kind of trial the clones are scored with. The exception is the paper's
+black-box ASV, ECAPA-TDNN (speechbrain/spkrec-ecapa-voxceleb, run natively from the bundle's ecapa/ directory when
+present, see cloak.bundle): it accepts at the paper's fixed cosine 0.25, and it is then the primary ASV for DSR.
 
 Every per-file result (protected audio, each clone's scores, clean embeddings) is cached under the cache
 directory (default OUT/cache) as soon as it is computed, keyed by a fingerprint of everything that determines it,
@@ -45,13 +47,14 @@ from ..audio import read_audio, to_mono, write_audio
 from ..bundle import BundleError, Models
 from ..config import ProtectConfig
 from ..corpus import Speaker, list_speakers
+from ..models.ecapa import ECAPA_THRESHOLD as _ECAPA_THRESHOLD
 from ..protect import ENGINE_VERSION, Cancelled, CancelToken
 from . import metrics as M
 from .transforms import get_transforms
 
 CACHE_VERSION = 1
 CLONE_RATE = 22_050
-ECAPA_THRESHOLD = 0.25  # the paper's ASV acceptance threshold (ECAPA-TDNN cosine)
+ECAPA_THRESHOLD = _ECAPA_THRESHOLD  # the paper's ASV acceptance threshold (ECAPA-TDNN cosine)
 DEFAULT_QUALITY_THRESHOLD = 2.5
 QUALITY_SENSITIVITY = (2.5, 2.75, 3.0)
 QUALITY_WHY = (
@@ -63,8 +66,9 @@ QUALITY_WHY = (
     "NISQA < 3.0 ('below fair'), on DNSMOS's scale. DSR at 2.75 and 3.0 is reported too, and the DNSMOS of the "
     "clean references of the run itself is in reference_quality.")
 NOT_CONFIGURED = {
-    "ecapa": "not configured: the paper's ECAPA-TDNN needs speechbrain (which needs a torchaudio matching this "
-             "torch) and the speechbrain/spkrec-ecapa-voxceleb weights; neither is on this install",
+    "ecapa": "not configured: the model bundle has no ecapa/ directory (the speechbrain/spkrec-ecapa-voxceleb "
+             "model files, at least embedding_model.ckpt and hyperparams.yaml; run natively, speechbrain is not "
+             "needed)",
     "nisqa": "not configured: NISQA (code and weights) is not on this install; DNSMOS OVRL is the quality measure",
 }
 
@@ -282,7 +286,15 @@ def build_encoders(models: Models, cfg: ProtectConfig) -> tuple[list[M.SpeakerEn
                                                                   ", not used by the cloak: black-box")}
     else:
         info["wavlm"] = {"available": False, "reason": "not configured: the model bundle has no wavlm-sv/ directory"}
-    info["ecapa"] = {"available": False, "reason": NOT_CONFIGURED["ecapa"], "threshold": ECAPA_THRESHOLD}
+    ecapa = getattr(models, "ecapa", None)
+    if ecapa is not None:
+        encoders.append(M.EcapaEncoder(ecapa, models.device, white_box=False))
+        info["ecapa"] = {"available": True, "white_box": False, "checksum": getattr(ecapa, "checksum", None),
+                         "threshold": ECAPA_THRESHOLD, "fixed_threshold": ECAPA_THRESHOLD,
+                         "note": "ECAPA-TDNN speechbrain/spkrec-ecapa-voxceleb (bundle ecapa/, native port), not "
+                                 "used by the cloak: black-box; the paper's fixed threshold, cosine >= 0.25 accepts"}
+    else:
+        info["ecapa"] = {"available": False, "reason": NOT_CONFIGURED["ecapa"], "threshold": ECAPA_THRESHOLD}
     return encoders, info
 
 
