@@ -289,6 +289,26 @@ def test_quick_run_report_schema_plots_and_resume(evaluate_main, tmp_path, two_s
     assert r2["conditions"] == r["conditions"] and r2["imperceptibility"] == r["imperceptibility"]
 
 
+def test_losses_ablation_protects_anew_and_reuses_the_clean_clones(evaluate_main, tmp_path, two_speakers):
+    """Paper Table 3: `--losses` changes the cloak (new protected audio, other loss terms in the report) while the
+    clones of clean references, which do not depend on the cloak, come from the shared cache."""
+    bundle = make_bundle(tmp_path / "bundle", tame=True)
+    cache = tmp_path / "cache"
+    common = ["evaluate", "--speakers", str(two_speakers), "--models", str(bundle), "--quick", "--transforms", "none",
+              "--max-seconds", "1.5", "--threads", "1", "-q", "--no-plots", "--cache", str(cache)]
+    assert evaluate_main([*common, "--out", str(tmp_path / "all")]) == 0
+    assert evaluate_main([*common, "--out", str(tmp_path / "id"), "--losses", "id"]) == 0
+    full, abl = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("all", "id"))
+    assert full["protocol"]["loss_terms"] == ["id", "ctx", "score", "sem"] and abl["protocol"]["loss_terms"] == ["id"]
+    assert abl["cache"]["protected"] == {"computed": 2, "reused": 0}
+    assert abl["cache"]["clones"] == {"computed": 2, "reused": 2}  # the clean clones are shared
+    assert abl["cache"]["protect_fingerprint"] != full["cache"]["protect_fingerprint"]
+    assert abl["conditions"]["clean"] == full["conditions"]["clean"]
+    prot_full = [p["losses_end"] for p in full["protected"]]
+    prot_abl = [p["losses_end"] for p in abl["protected"]]
+    assert prot_full != prot_abl  # another objective, another perturbation
+
+
 def test_cancelled_run_raises_and_writes_no_report(tmp_path, two_speakers):
     from cloak import CancelToken, load_models
     from cloak.evaluate import EvalSettings, evaluate
