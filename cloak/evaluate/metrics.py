@@ -132,57 +132,49 @@ def enrollment(embeddings: Sequence[np.ndarray]) -> np.ndarray:
 
 
 class SpeakerEncoder:
-    """A named embedding function on 16 kHz mono numpy audio."""
+    """A named embedding function on 16 kHz mono numpy audio, around a model whose `embed` takes a (1, N) tensor."""
 
     name: str = "encoder"
     white_box: bool = False  # the cloak optimises against this encoder
     checksum: str | None = None
     fixed_threshold: float | None = None  # a published acceptance threshold (ECAPA: the paper's 0.25)
 
-    def embed(self, wave16k: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
+    def __init__(self, model: Any, device: Any = "cpu", white_box: bool | None = None) -> None:
+        self.model = model
+        self.device = device
+        if white_box is not None:
+            self.white_box = white_box
+        self.checksum = getattr(model, "checksum", None)
+
+    def prepare(self, wave16k: np.ndarray) -> np.ndarray:
+        """The model's expected input (float32); encoders with their own input scaling override this."""
+        return np.asarray(wave16k, np.float32)
+
+    def embed(self, wave16k: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            w = torch.from_numpy(np.ascontiguousarray(self.prepare(wave16k)))[None].to(self.device)
+            return self.model.embed(w)[0].float().cpu().numpy()
 
 
 class GE2EEncoder(SpeakerEncoder):
     """GE2E d-vector as DiffVC computes it for its condition (volume-normalised to -30 dBFS, no VAD)."""
 
     name = "ge2e"
+    white_box = True
 
-    def __init__(self, ge2e: Any, device: Any = "cpu", white_box: bool = True) -> None:
-        self.model = ge2e
-        self.device = device
-        self.white_box = white_box
-        self.checksum = getattr(ge2e, "checksum", None)
-
-    def embed(self, wave16k: np.ndarray) -> np.ndarray:
-        import torch
-
+    def prepare(self, wave16k: np.ndarray) -> np.ndarray:
         from ..models.ge2e import volume_gain
 
         x = np.asarray(wave16k, np.float32)
-        gain = volume_gain(x)
-        with torch.no_grad():
-            w = torch.from_numpy(x * gain)[None].to(self.device)
-            return self.model.embed(w)[0].float().cpu().numpy()
+        return (x * volume_gain(x)).astype(np.float32)
 
 
 class WavLMEncoder(SpeakerEncoder):
     """WavLM-SV x-vector (transformers WavLMForXVector) from the bundle's wavlm-sv/ directory."""
 
     name = "wavlm"
-
-    def __init__(self, wavlm: Any, device: Any = "cpu", white_box: bool = False) -> None:
-        self.model = wavlm
-        self.device = device
-        self.white_box = white_box
-        self.checksum = getattr(wavlm, "checksum", None)
-
-    def embed(self, wave16k: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            w = torch.from_numpy(np.asarray(wave16k, np.float32))[None].to(self.device)
-            return self.model.embed(w)[0].float().cpu().numpy()
 
 
 class EcapaEncoder(SpeakerEncoder):
@@ -191,21 +183,11 @@ class EcapaEncoder(SpeakerEncoder):
 
     name = "ecapa"
 
-    def __init__(self, ecapa: Any, device: Any = "cpu", white_box: bool = False) -> None:
+    def __init__(self, model: Any, device: Any = "cpu", white_box: bool | None = None) -> None:
         from ..models.ecapa import ECAPA_THRESHOLD
 
-        self.model = ecapa
-        self.device = device
-        self.white_box = white_box
-        self.checksum = getattr(ecapa, "checksum", None)
+        super().__init__(model, device, white_box)
         self.fixed_threshold = ECAPA_THRESHOLD
-
-    def embed(self, wave16k: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            w = torch.from_numpy(np.asarray(wave16k, np.float32))[None].to(self.device)
-            return self.model.embed(w)[0].float().cpu().numpy()
 
 
 # -------------------------------------------------------------------------------------------- DNSMOS

@@ -366,8 +366,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         L.append("## Identity of the reference recording itself (no attacker)")
         L.append("")
         L.append("What a speaker encoder hears in the recording the attacker would download: cosine of the reference "
-                 "to its speaker's enrollment, acceptance at the calibrated threshold, and the paired shift vs the "
-                 "clean reference. This is the signal DiffVC conditions on (its GE2E d-vector); white-box for GE2E.")
+                 "to its speaker's enrollment, acceptance at the encoder's ASV threshold (as in the identity table), "
+                 "and the paired shift vs the clean reference. This is the signal DiffVC conditions on (its GE2E "
+                 "d-vector); white-box for GE2E.")
         L.append("")
         L.append("| reference | encoder | mean cosine | accept | Δ cosine vs clean |")
         L.append("|---|---|---|---|---|")

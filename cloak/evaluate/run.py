@@ -47,14 +47,13 @@ from ..audio import read_audio, to_mono, write_audio
 from ..bundle import BundleError, Models
 from ..config import ProtectConfig
 from ..corpus import Speaker, list_speakers
-from ..models.ecapa import ECAPA_THRESHOLD as _ECAPA_THRESHOLD
+from ..models.ecapa import ECAPA_THRESHOLD  # the paper's ASV acceptance threshold (ECAPA-TDNN cosine)
 from ..protect import ENGINE_VERSION, Cancelled, CancelToken
 from . import metrics as M
 from .transforms import get_transforms
 
 CACHE_VERSION = 1
 CLONE_RATE = 22_050
-ECAPA_THRESHOLD = _ECAPA_THRESHOLD  # the paper's ASV acceptance threshold (ECAPA-TDNN cosine)
 DEFAULT_QUALITY_THRESHOLD = 2.5
 QUALITY_SENSITIVITY = (2.5, 2.75, 3.0)
 QUALITY_WHY = (
