@@ -235,3 +235,38 @@ def test_score_loss_is_an_rms_independent_of_length_and_mask():
         assert score_loss(s, mask).item() == pytest.approx(3.0)
     z = torch.randn(4, 80, 192, generator=torch.Generator().manual_seed(0))
     assert score_loss(z, torch.ones(4, 1, 192)).item() == pytest.approx(1.0, abs=0.02)  # the score near t=1: ~-z/sigma
+
+
+def test_spectrum_term_is_the_error_of_the_implied_x0_long_term_spectrum():
+    """`loss_t(spectrum_weight=var/gamma^2)` adds exactly the squared error of the long-term (time-mean) spectrum of
+    the x_0 that the score implies, per mel bin, padding excluded; the plain loss is unchanged without it."""
+    m = tiny_diffvc(seed=3)
+    dec = m.decoder
+    g = torch.Generator().manual_seed(0)
+    b, n, frames = 2, 80, 32
+    x0 = torch.randn(b, n, frames, generator=g) - 4.0
+    mean = torch.randn(b, n, frames, generator=g) - 4.0
+    ref, mean_ref = torch.randn(b, n, frames, generator=g) - 4.0, torch.randn(b, n, frames, generator=g) - 4.0
+    c = torch.randn(b, 256, generator=g)
+    mask = torch.ones(b, 1, frames)
+    mask[1, :, 20:] = 0  # the second sample is padded
+    x0, mean = x0 * mask, mean * mask
+    t = torch.tensor([0.55, 0.8])
+    w = (dec.variance(t) / dec.get_gamma(0, t) ** 2).flatten()
+
+    def run(**kw):
+        return dec.loss_t(x0, mask, mean, ref, mean_ref, c, t, ref_mask=torch.ones(b, 1, frames),
+                          generator=torch.Generator().manual_seed(7), **kw)
+
+    plain, both = run(), run(spectrum_weight=w)
+    # independently: the same noise, the score, x0_hat = (x_t - (1 - gamma) mean + var * score) / gamma
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    gamma, var = dec.get_gamma(0, t), dec.variance(t)
+    xt = (x0 * gamma + mean * (1 - gamma) + z * var.sqrt()) * mask
+    xt_ref = dec.compute_diffused_mean(ref, torch.ones(b, 1, frames), mean_ref, t).unsqueeze(1)
+    score = dec.estimator(xt, mask, mean, xt_ref, torch.ones(b, 1, frames), c, t)
+    x0_hat = (xt - (1 - gamma) * mean + var * score) / gamma
+    ltas_err = [((x0_hat[i] - x0[i]) * mask[i]).sum(-1) / mask[i].sum() for i in range(b)]
+    expected = torch.stack([e.pow(2).mean() for e in ltas_err]).mean()
+    assert (both - plain).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert run(weight=torch.ones(b)).item() == pytest.approx(plain.item(), rel=1e-6)

@@ -11,10 +11,10 @@ from conftest import CORPUS
 from cloak.train import mini
 from cloak.train.mini import TrainSettings
 
-# the decoder's 4 steps pass through every stage of the recipe: mild mean perturbation (step 0), strong (1-2),
-# strong + late-t emphasis (3), so the resume below checks them all
+# the decoder's 4 steps pass through every stage of the recipe: mild mean perturbation (step 0), strong (1),
+# strong + late-t emphasis (2), + the long-term-spectrum term (3), so the resume below checks them all
 ST = TrainSettings(enc_steps=2, enc_batch=2, enc_frames=32, dec_steps=4, dec_batch=2, dec_frames=32, ckpt_every=2,
-                   strong_mean_from=1, late_t_from=3)
+                   strong_mean_from=1, late_t_from=2, spectrum_from=3)
 
 
 def _corpus(root):

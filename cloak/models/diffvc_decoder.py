@@ -326,9 +326,14 @@ class Diffusion(nn.Module):
 
     def loss_t(self, x0: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, x_ref: torch.Tensor,
                mean_ref: torch.Tensor, c: torch.Tensor, t: torch.Tensor, ref_mask: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, weight: torch.Tensor | None = None,
+               spectrum_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Score-matching loss at times t (B,), as the official training: masked mean of (s*sqrt(var) + z)^2.
-        `weight` (B,) scales each sample's share (None = the official loss; all ones gives the same value)."""
+        `weight` (B,) scales each sample's share (None = the official loss; all ones gives the same value).
+        `spectrum_weight` (B,) adds, per sample, that weight times the mean over mel bins of the squared time-mean
+        of the error (s*sqrt(var) + z): with the weight var/gamma^2 this is the squared error of the long-term
+        spectrum of the x_0 the score implies, in nats^2, the part of the error that only the speaker conditioning
+        can remove at large t. A linear functional of the same error, so the optimum (the true score) is the same."""
         ref_mask = mask if ref_mask is None else ref_mask
         xt_mean = self.compute_diffused_mean(x0, mask, mean, t)
         var = self.variance(t)
@@ -337,10 +342,16 @@ class Diffusion(nn.Module):
         z = z * mask
         xt_ref = self.compute_diffused_mean(x_ref, ref_mask, mean_ref, t).unsqueeze(1)
         est = self.estimator(xt, mask, mean, xt_ref, ref_mask, c, t) * torch.sqrt(var)
-        err = (est + z) ** 2
+        diff = (est + z) * mask
+        err = diff**2
         if weight is not None:
             err = err * weight.to(err.dtype).view(-1, *([1] * (err.dim() - 1)))
-        return torch.sum(err) / (torch.sum(mask) * self.n_feats)
+        loss = torch.sum(err) / (torch.sum(mask) * self.n_feats)
+        if spectrum_weight is not None:
+            frames = mask.sum(-1).clamp(min=1.0)  # (B, 1)
+            spectrum_err = (diff.sum(-1) / frames).pow(2).mean(-1)  # (B,)
+            loss = loss + (spectrum_err * spectrum_weight.to(diff.dtype)).mean()
+        return loss
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = 4) -> torch.Tensor:

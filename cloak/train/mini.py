@@ -69,6 +69,13 @@ class TrainSettings:
     # c -> voice mapping gets almost no gradient (measured at step 3,750: the right vs a shuffled d-vector changed
     # the late-t loss by 0.5 %). Every weighting has the same optimum, the true score; it moves only the emphasis.
     late_t_weight_cap: float = 20.0
+    # from this decoder step on, the loss also asks for the right long-term spectrum of the x_0 the score implies
+    # (`loss_t(spectrum_weight=...)`, weight var/gamma^2 capped at spectrum_weight_cap) and the late half of each
+    # batch moves to t in [0.45, 0.9), where a conversion commits to its timbre: at step 7,000 the eps loss still
+    # hardly cared for c (a shuffled d-vector raised the late-t loss 0.8-2 %), because the speaker-specific part of
+    # the error, its time-mean per mel bin, is a sliver of the per-bin squared error. Same optimum, new emphasis.
+    spectrum_from: int = 7000
+    spectrum_weight_cap: float = 300.0
     ema_decay: float = 0.999  # exported decoder = exponential moving average of the weights (steadier samples)
     bf16: bool = False  # only where the CPU has native bf16 (AMX / AVX512-BF16); emulated bf16 is ~20x slower
 
@@ -353,9 +360,13 @@ def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=st.bf16):
             if step >= st.late_t_from:
                 t = torch.rand(x.shape[0], generator=gen, dtype=x.dtype, device=dev).clamp(1e-5, 1 - 1e-5)
-                t[::2] = 0.6 + 0.4 * t[::2]
-                w = (dec.variance(t) / dec.get_gamma(0, t) ** 2).flatten().clamp(1.0, st.late_t_weight_cap)
-                loss = model.decoder.loss_t(x * m, m, mu, ref * m, mref, c, t, generator=gen, weight=w)
+                spectrum = step >= st.spectrum_from
+                t[::2] = 0.45 + 0.45 * t[::2] if spectrum else 0.6 + 0.4 * t[::2]
+                x0_weight = (dec.variance(t) / dec.get_gamma(0, t) ** 2).flatten()
+                w = x0_weight.clamp(1.0, st.late_t_weight_cap)
+                sw = x0_weight.clamp(max=st.spectrum_weight_cap) if spectrum else None
+                loss = model.decoder.loss_t(x * m, m, mu, ref * m, mref, c, t, generator=gen, weight=w,
+                                            spectrum_weight=sw)
             else:  # the official t ~ U(0, 1)
                 loss = model.compute_loss(x * m, m, mu, ref * m, mref, c, generator=gen)
         opt.zero_grad()
