@@ -69,6 +69,20 @@ def test_split_resume_and_export(tmp_path):
     logged = (a / "decoder_log.jsonl").read_text()  # logs every 25 steps: none yet at 4
     assert logged == ""
 
+    # the conditioning probe: a decoder whose condition vector is cut off gains nothing from the right speaker
+    from cloak.models import load_diffvc
+    from cloak.train.probe import conditioning_use
+
+    means = torch.load(a / "means.pt", weights_only=False)["means"]
+    model = load_diffvc(str(mini.export(a, tmp_path / "probe" / "diffvc.pt", ST))).eval()
+    used = conditioning_use(model, items, means, batches=1, batch=4, frames=32)
+    assert set(used) == {"0.5-0.7", "0.7-0.85"}
+    assert all(r["eps_right"] > 0 and r["spectrum_right"] > 0 and r["eps_gain"] != 0 for r in used.values())
+    with torch.no_grad():
+        model.decoder.estimator.cond_block[-1].weight.zero_()
+    cut = conditioning_use(model, items, means, batches=1, batch=4, frames=32)
+    assert all(r["eps_gain"] == 0 and r["spectrum_gain"] == 0 for r in cut.values())
+
     out = mini.export(a, tmp_path / "bundle" / "diffvc.pt", ST)
     ck = torch.load(out, weights_only=True)
     assert ck["meta"]["decoder_steps"] == 4 and ck["meta"]["decoder_weights"] == "ema"
