@@ -16,4 +16,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
     --init cloak/data/cloak-mini.pt --dec-batch 64 --dec-frames 128 --dec-steps 1000000 \
     --hours "$("$PY" -c "print($MINUTES / 60)")" --out "$OUT/cloak-mini-gpu.pt" 2>&1 | tee "$OUT/train.log" | tail -40
 cp /tmp/cloak-gpu/decoder_log.jsonl "$OUT/" 2>/dev/null
+# does the decoder use its speaker conditioning now? (right vs another speaker's; gain 0 = cannot clone)
+"$PY" -m cloak.train.probe --models "$OUT/cloak-mini-gpu.pt" --cache /tmp/cloak-gpu --items runs/pack.pt \
+    --batches 24 --json | tee "$OUT/probe.json"
 ls -la "$OUT"

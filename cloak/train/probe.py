@@ -11,7 +11,7 @@ one would lower the spectrum error by about the between-speaker variance of the 
 per bin on the project's corpora) wherever x_t shows no timbre. At cloak-mini's step 7,000 the spectrum gain at
 t in [0.7, 0.85) was 3 %.
 
-    python -m cloak.train.probe --models DIR_OR_CHECKPOINT [--cache runs/mini] [--json]
+    python -m cloak.train.probe --models DIR_OR_CHECKPOINT [--cache runs/mini] [--items PACK] [--json]
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=Path, required=True, help="a bundle dir (its diffvc.pt) or a checkpoint file")
     p.add_argument("--cache", type=Path, default=Path("runs/mini"), help="training cache with data.pt and means.pt")
+    p.add_argument("--items", type=Path, help="prepared data or a pack file (default: CACHE/data.pt)")
     p.add_argument("--batches", type=int, default=6)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     path = a.models / "diffvc.pt" if a.models.is_dir() else a.models
     model = load_diffvc(str(path)).eval()
-    items = load_items(a.cache / "data.pt")
+    items = load_items(a.items or a.cache / "data.pt")
     means = torch.load(a.cache / "means.pt", weights_only=False)["means"]
     res = conditioning_use(model, items, means, batches=a.batches)
     if a.json:
