@@ -295,6 +295,21 @@ def perturb_mean(mean: torch.Tensor, mask: torch.Tensor, rng: random.Random, max
 STRONG_PERTURBATION = {"max_warp": 0.25, "max_gain": 1.0, "max_tilt": 1.5, "max_env": 0.75}
 
 
+def decoder_example(mel: torch.Tensor, mean: torch.Tensor, frames: int, rng: random.Random,
+                    perturb: dict | None) -> tuple[torch.Tensor, ...]:
+    """One decoder training example from an utterance's mel and encoder mean: a crop (target), another crop of the
+    same utterance (reference), the crop's mean perturbed by `perturb_mean(**perturb)` (None: unperturbed), and the
+    crop's mask. Returns (x, mean, ref, mean_ref, mask)."""
+    both = torch.cat([mel, mean], 0)
+    n_feats = mel.shape[0]
+    x, _, n = _crop(both, frames, rng)
+    r, _, _ = _crop(both, frames, rng)
+    m = torch.zeros(1, frames)
+    m[:, :n] = 1
+    mu = perturb_mean(x[n_feats:], m, rng, **perturb) if perturb is not None else x[n_feats:] * m
+    return x[:n_feats], mu, r[:n_feats], r[n_feats:] * m, m
+
+
 def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: float,
                   init: Path | None = None, device: str = "cpu") -> None:
     ckpt_path = cache / "decoder.pt"
@@ -343,16 +358,12 @@ def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
         xs, mus, refs, mrefs, ms, cs = [], [], [], [], [], []
         for i in idx:
             it, mu = train[i]
-            both = torch.cat([it["mel"], mu], 0)
-            x, _, n = _crop(both, st.dec_frames, rng)
-            r, _, _ = _crop(both, st.dec_frames, rng)
-            m = torch.zeros(1, st.dec_frames)
-            m[:, :n] = 1
-            xs.append(x[:80])
             strong = STRONG_PERTURBATION if step >= st.strong_mean_from else {}
-            mus.append(perturb_mean(x[80:], m, rng, **strong) if st.perturb_mean else x[80:] * m)
-            refs.append(r[:80])
-            mrefs.append(r[80:] * m)
+            x, mu, r, mr, m = decoder_example(it["mel"], mu, st.dec_frames, rng, strong if st.perturb_mean else None)
+            xs.append(x)
+            mus.append(mu)
+            refs.append(r)
+            mrefs.append(mr)
             ms.append(m)
             cs.append(it["dvec"])
         x, mu, ref, mref = (torch.stack(v).to(dev) for v in (xs, mus, refs, mrefs))

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..models.diffvc import DiffVC, load_diffvc
-from .mini import STRONG_PERTURBATION, _crop, load_items, perturb_mean
+from .mini import STRONG_PERTURBATION, decoder_example, load_items
 
 BANDS = ((0.5, 0.7), (0.7, 0.85))
 
@@ -45,22 +45,15 @@ def conditioning_use(model: DiffVC, items: list[dict], means: list[torch.Tensor]
         acc = dict.fromkeys(("eps_right", "eps_shuffled", "spectrum_right", "spectrum_shuffled"), 0.0)
         for _ in range(batches):
             picked = [pool[rng.randrange(len(pool))] for _ in range(batch)]
-            xs, mus, refs, mrefs, cs = [], [], [], [], []
-            ones = torch.ones(1, frames)
-            for it, mu in picked:
-                both = torch.cat([it["mel"], mu], 0)
-                x, _, _ = _crop(both, frames, rng)
-                r, _, _ = _crop(both, frames, rng)
-                xs.append(x[:80])
-                mus.append(perturb_mean(x[80:], ones, rng, **STRONG_PERTURBATION))
-                refs.append(r[:80])
-                mrefs.append(r[80:])
-                cs.append(it["dvec"].float())
-            x, mu, ref, mref, c = (torch.stack(v).to(dev) for v in (xs, mus, refs, mrefs, cs))
-            mask = torch.ones(batch, 1, frames, device=dev)
-            # shuffled: each sample gets the conditioning of the next one of another speaker
+            examples = [decoder_example(it["mel"], mu, frames, rng, STRONG_PERTURBATION) for it, mu in picked]
+            x, mu, ref, mref, mask = (torch.stack(v).to(dev) for v in zip(*examples, strict=True))
+            c = torch.stack([it["dvec"].float() for it, _ in picked]).to(dev)
+            # shuffled: each sample gets the conditioning of the next sample of another speaker
             spk = [it["speaker"] for it, _ in picked]
-            perm = [next((j for k in range(1, batch) if spk[j := (i + k) % batch] != spk[i]), i) for i in range(batch)]
+            perm = []
+            for i in range(batch):
+                others = [(i + k) % batch for k in range(1, batch) if spk[(i + k) % batch] != spk[i]]
+                perm.append(others[0] if others else i)
             t = (lo + (hi - lo) * torch.rand(batch, generator=gen)).to(dev)
             w = (dec.variance(t) / dec.get_gamma(0, t) ** 2).flatten()
             seed_t = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))  # the same noise for every pass
