@@ -426,6 +426,9 @@ def _metrics_dict(m: Any, pb: Any) -> dict[str, Any]:
         "iterations": m.iterations, "windows": m.windows, "seconds": m.seconds, "queued_seconds": m.queued_seconds,
         "gender": m.gender, "opposite_speaker": m.opposite_speaker, "model": m.model,
     }
+    if m.warning:  # the output is not protected (linf 0): no SNR to report
+        out["warning"] = m.warning
+        out["snr_db"] = None
     if m.HasField("settings"):
         out["config"] = _config_from_settings(m.settings, pb).to_dict()
     if m.details_json:

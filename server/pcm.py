@@ -15,6 +15,7 @@ import numpy as np
 
 from cloak import AudioError, ConfigError, ProtectConfig
 from cloak.audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, validate_samples
+from cloak.config import LOSS_NAMES
 
 from .config import MAX_CHUNK_BYTES, MIN_SECONDS
 from .gen import cloak_service_pb2 as pb
@@ -33,6 +34,11 @@ _SCALAR_FIELDS = ("epsilon", "step_size", "iterations", "repeats", "t_adv", "see
                   "overlap_seconds", "inference_steps", "early_stop", "early_stop_every", "early_stop_identity_drop",
                   "early_stop_quality")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# Loss weights: sign-PGD is invariant to a common scale, but float32 is not: a weight of 1e308 turns the loss into
+# inf (NaN gradient, no step) and one of 5e-324 into 0 (zero gradient, no step). Both came back "OK" with an
+# unchanged output, so weights are held to a range where every loss term keeps its gradient.
+MAX_WEIGHT = 1e6
+MIN_POSITIVE_WEIGHT = 1e-6
 
 
 class InvalidInput(ValueError):
@@ -80,6 +86,12 @@ def settings_to_config(s: pb.ProtectSettings) -> ProtectConfig:
         if len(s.weights) != 4:
             raise InvalidInput(f"settings.weights must be empty (defaults) or exactly 4 numbers (id, ctx, score, sem), "
                                f"got {len(s.weights)}")
+        for i, (term, w) in enumerate(zip(LOSS_NAMES, s.weights, strict=True)):
+            if not math.isfinite(w):
+                raise InvalidInput(f"settings.weights[{i}] ({term}) must be a finite number, got {w}")
+            if w > MAX_WEIGHT or 0 < w < MIN_POSITIVE_WEIGHT:
+                raise InvalidInput(f"settings.weights[{i}] ({term}) = {w:g}: each weight must be 0 or in "
+                                   f"[{MIN_POSITIVE_WEIGHT:g}, {MAX_WEIGHT:g}]")
         values["weights"] = tuple(s.weights)
     if len(s.id_encoders):
         bad = [e for e in s.id_encoders if e not in ENCODERS]
@@ -96,11 +108,16 @@ def settings_to_config(s: pb.ProtectSettings) -> ProtectConfig:
             raise InvalidInput(f"settings.losses: unknown value(s) {bad}; use LOSS_TERM_ID/_CTX/_SCORE/_SEM")
         values["losses"] = tuple(dict.fromkeys(LOSSES[e] for e in s.losses))
     try:
-        return ProtectConfig(**values)
+        cfg = ProtectConfig(**values)
     except ConfigError as e:
         raise InvalidInput(f"settings.{e}") from e
     except (TypeError, ValueError, OverflowError) as e:
         raise InvalidInput(f"settings: {e}") from e
+    if not any(w > 0 for w in cfg.loss_weights.values()):
+        raise InvalidInput(f"settings.weights: no enabled loss term has a positive weight (weights "
+                           f"{dict(zip(LOSS_NAMES, cfg.weights, strict=True))}, enabled terms "
+                           f"{list(cfg.losses)}): nothing would be optimised and the output would not be protected")
+    return cfg
 
 
 def config_to_settings(cfg: ProtectConfig) -> pb.ProtectSettings:
@@ -215,6 +232,18 @@ def decode(data: bytes, encoding: int, channels: int) -> np.ndarray:
     raw = np.frombuffer(data, dtype=dtype)
     x = raw.astype(np.float32) / 32768.0 if encoding == pb.SAMPLE_ENCODING_INT16 else raw.astype(np.float32)
     return x if channels == 1 else x.reshape(-1, channels)
+
+
+def delivered_linf(data: bytes, encoding: int, reference: np.ndarray, block: int = 1 << 20) -> float:
+    """max |decoded output - reference| over the PCM as sent (int16 rounding included), in blocks of `block`
+    samples so that a long clip needs no second full-size float copy."""
+    ref = reference.reshape(-1)
+    itemsize = ENCODINGS[encoding][1].itemsize
+    worst = 0.0
+    for off in range(0, ref.shape[0], block):
+        part = decode(data[off * itemsize:(off + block) * itemsize], encoding, 1)
+        worst = max(worst, float(np.max(np.abs(part - ref[off:off + block]))))
+    return worst
 
 
 def sha256_hex(data: bytes) -> str:

@@ -591,9 +591,15 @@ class Scheduler:
             out = pcm.encode(res.audio, up.encoding, reference=rec.samples, epsilon=rec.config.epsilon)
             m = res.metrics
             queued = (rec.started_at or rec.accepted_at) - rec.accepted_at
+            linf = pcm.delivered_linf(out, up.encoding, rec.samples)
+            warning = unprotected_warning(linf, rec.samples)
+            snr = 0.0 if warning else float(m["snr_db"])
             details = {k: v for k, v in m.items() if k in ("history", "config", "snr_db", "linf")}
+            if warning:
+                details["snr_db"] = None
+                details["warning"] = warning
             metrics = pb.JobMetrics(
-                snr_db=float(m["snr_db"]), linf=float(m["linf"]), losses_start=m["losses_start"],
+                snr_db=snr, linf=linf, warning=warning, losses_start=m["losses_start"],
                 losses_end=m["losses_end"], iterations=int(m["iterations"]), windows=int(m["windows"]),
                 seconds=time.monotonic() - (rec.started_at or rec.accepted_at), queued_seconds=queued,
                 gender=str(m.get("gender", "")), opposite_speaker=str(m.get("opposite_speaker", "")),
@@ -607,9 +613,10 @@ class Scheduler:
             rec.set_succeeded(out, done)
             self._retire(rec, "succeeded")
         self.stats["succeeded"] += 1
-        logs.event("job_done", job_id=rec.id, client=rec.client, seconds=round(metrics.seconds, 3),
-                   queued_s=round(queued, 3), snr_db=round(metrics.snr_db, 2), linf=metrics.linf,
-                   output_sha256=done.sha256)
+        logs.event("job_done", level=30 if warning else 20, job_id=rec.id, client=rec.client,
+                   seconds=round(metrics.seconds, 3), queued_s=round(queued, 3),
+                   snr_db=None if warning else round(metrics.snr_db, 2), linf=metrics.linf,
+                   output_sha256=done.sha256, **({"warning": warning} if warning else {}))
 
     def _fail(self, rec: JobRecord, code: grpc.StatusCode, message: str, exc: bool = False) -> None:
         logs.event("job_failed", level=40, exc_info=exc, job_id=rec.id, client=rec.client, code=code.name,
@@ -659,6 +666,18 @@ class Scheduler:
     def snapshot(self) -> dict[str, int]:
         with self.cond:
             return {"queue_depth": len(self.queue) + self.reserved, "active_jobs": len(self.active)}
+
+
+def unprotected_warning(linf: float, samples: np.ndarray) -> str:
+    """The JobMetrics.warning of an output that differs from its input by `linf` (as delivered): empty unless
+    nothing changed, in which case the SNR would be meaningless (0 dB for silence, hundreds of dB otherwise)."""
+    if linf > 0:
+        return ""
+    if not np.any(samples):
+        return ("NOT PROTECTED: the input is silent (all samples 0), so there is no voice to protect and the output "
+                "equals the input (linf 0); no SNR is reported")
+    return ("NOT PROTECTED: the output equals the input (linf 0): the perturbation vanished (no loss gradient); "
+            "no SNR is reported")
 
 
 def _jsonable(o: Any) -> Any:

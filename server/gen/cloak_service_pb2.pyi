@@ -259,7 +259,7 @@ class Done(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., frames: _Optional[int] = ..., encoding: _Optional[_Union[SampleEncoding, str]] = ..., metrics: _Optional[_Union[JobMetrics, _Mapping]] = ...) -> None: ...
 
 class JobMetrics(_message.Message):
-    __slots__ = ("snr_db", "linf", "losses_start", "losses_end", "iterations", "windows", "seconds", "queued_seconds", "gender", "opposite_speaker", "model", "settings", "details_json")
+    __slots__ = ("snr_db", "linf", "losses_start", "losses_end", "iterations", "windows", "seconds", "queued_seconds", "gender", "opposite_speaker", "model", "settings", "details_json", "warning")
     class LossesStartEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +287,7 @@ class JobMetrics(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     DETAILS_JSON_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     snr_db: float
     linf: float
     losses_start: _containers.ScalarMap[str, float]
@@ -300,7 +301,8 @@ class JobMetrics(_message.Message):
     model: str
     settings: ProtectSettings
     details_json: str
-    def __init__(self, snr_db: _Optional[float] = ..., linf: _Optional[float] = ..., losses_start: _Optional[_Mapping[str, float]] = ..., losses_end: _Optional[_Mapping[str, float]] = ..., iterations: _Optional[int] = ..., windows: _Optional[int] = ..., seconds: _Optional[float] = ..., queued_seconds: _Optional[float] = ..., gender: _Optional[str] = ..., opposite_speaker: _Optional[str] = ..., model: _Optional[str] = ..., settings: _Optional[_Union[ProtectSettings, _Mapping]] = ..., details_json: _Optional[str] = ...) -> None: ...
+    warning: str
+    def __init__(self, snr_db: _Optional[float] = ..., linf: _Optional[float] = ..., losses_start: _Optional[_Mapping[str, float]] = ..., losses_end: _Optional[_Mapping[str, float]] = ..., iterations: _Optional[int] = ..., windows: _Optional[int] = ..., seconds: _Optional[float] = ..., queued_seconds: _Optional[float] = ..., gender: _Optional[str] = ..., opposite_speaker: _Optional[str] = ..., model: _Optional[str] = ..., settings: _Optional[_Union[ProtectSettings, _Mapping]] = ..., details_json: _Optional[str] = ..., warning: _Optional[str] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -381,7 +383,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_queue", "max_batch", "max_seconds", "max_chunk_bytes", "min_sample_rate", "max_sample_rate", "max_channels", "max_upload_bytes", "result_ttl_seconds", "min_seconds")
+    __slots__ = ("max_queue", "max_batch", "max_seconds", "max_chunk_bytes", "min_sample_rate", "max_sample_rate", "max_channels", "max_upload_bytes", "result_ttl_seconds", "min_seconds", "memory_budget_bytes", "upload_idle_timeout_seconds", "max_attach_per_job", "max_attach_per_client")
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -392,6 +394,10 @@ class ServerLimits(_message.Message):
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESULT_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTACH_PER_JOB_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTACH_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
     max_queue: int
     max_batch: int
     max_seconds: float
@@ -402,4 +408,8 @@ class ServerLimits(_message.Message):
     max_upload_bytes: int
     result_ttl_seconds: float
     min_seconds: float
-    def __init__(self, max_queue: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_seconds: _Optional[float] = ..., max_chunk_bytes: _Optional[int] = ..., min_sample_rate: _Optional[int] = ..., max_sample_rate: _Optional[int] = ..., max_channels: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., result_ttl_seconds: _Optional[float] = ..., min_seconds: _Optional[float] = ...) -> None: ...
+    memory_budget_bytes: int
+    upload_idle_timeout_seconds: float
+    max_attach_per_job: int
+    max_attach_per_client: int
+    def __init__(self, max_queue: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_seconds: _Optional[float] = ..., max_chunk_bytes: _Optional[int] = ..., min_sample_rate: _Optional[int] = ..., max_sample_rate: _Optional[int] = ..., max_channels: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., result_ttl_seconds: _Optional[float] = ..., min_seconds: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., max_attach_per_job: _Optional[int] = ..., max_attach_per_client: _Optional[int] = ...) -> None: ...
