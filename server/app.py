@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from cloak import BundleError
 from cloak.bundle import Models
@@ -25,7 +25,7 @@ from .gen import cloak_service_pb2 as pb
 from .gen import cloak_service_pb2_grpc as pb_grpc
 from .metrics import Metrics
 from .scheduler import Scheduler
-from .service import SERVICE_NAME, CloakServicer
+from .service import SERVICE_NAME, CloakServicer, StreamCaps
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_BUNDLE = 0, 1, 2, 4
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -42,6 +42,22 @@ SERVER_OPTIONS = [
     # accept client keepalive pings every >= 10 s even while a queued job's stream carries no data
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
 ]
+
+
+UNARY_THREADS = 32  # GetServerInfo, GetJob, Cancel (each returns within a few seconds), auth refusals
+
+
+def _pooled_health(pool: ThreadPoolExecutor) -> health.HealthServicer:
+    """A HealthServicer whose Check runs in its own pool (Watch is non-blocking and needs no thread)."""
+    servicer = health.HealthServicer()
+    check = servicer.Check
+
+    def Check(request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 - the gRPC method name
+        return check(request, context)
+
+    Check.experimental_thread_pool = pool  # type: ignore[attr-defined]
+    servicer.Check = Check  # type: ignore[method-assign]
+    return servicer
 
 
 class CloakServer:
@@ -61,11 +77,22 @@ class CloakServer:
 
             self.loader = lambda: load_models(config.models, config.device, config.precision, config.compile)
         self.limits = pcm.Limits(max_seconds=config.max_seconds, max_upload_bytes=config.max_upload_bytes)
-        self.health = health.HealthServicer()
+        # Thread pools (issue 16): open Protect/Attach streams each hold a thread for minutes, so they get a pool
+        # sized to their caps; unary calls, health Check and reflection each have their own, so no number of
+        # streams can keep health from answering.
+        self.caps = StreamCaps(config.max_queue + config.max_batch + 8, config.max_attach, config.max_attach_per_job,
+                               config.max_attach_per_client)
+        self.stream_pool = ThreadPoolExecutor(max_workers=self.caps.threads, thread_name_prefix="cloak-stream")
+        self.unary_pool = ThreadPoolExecutor(max_workers=UNARY_THREADS, thread_name_prefix="cloak-rpc")
+        self.health_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cloak-health")
+        self.reflection_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cloak-reflection")
+        self.health = _pooled_health(self.health_pool)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.scheduler.on_state = self._on_state
-        self.servicer = CloakServicer(self.scheduler, self.limits, config.device)
+        self.servicer = CloakServicer(self.scheduler, self.limits, config.device, self.caps,
+                                      config.upload_idle_timeout)
+        self.servicer.bind_pool(self.stream_pool)
         self.server: grpc.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -100,14 +127,21 @@ class CloakServer:
     def start(self) -> int:
         """Bind, start serving and (if needed) start loading the models. Returns the bound port."""
         cfg = self.config
-        workers = cfg.max_queue + cfg.max_batch + 64
         interceptors = [TokenInterceptor(self.token, self._count_reject)] if self.token else []
-        server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloak-rpc"),
-                             interceptors=interceptors, options=SERVER_OPTIONS,
-                             maximum_concurrent_rpcs=workers + 1024)  # health watches hold no thread
+        # no maximum_concurrent_rpcs: gRPC would answer health with RESOURCE_EXHAUSTED too once it is reached;
+        # the stream caps bound what holds a thread, and refusals take a spare thread for a moment
+        server = grpc.server(self.unary_pool, interceptors=interceptors, options=SERVER_OPTIONS)
         pb_grpc.add_CloakServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), server)
+        refl = reflection.ReflectionServicer((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME))
+        info = refl.ServerReflectionInfo
+
+        def reflection_info(request_iterator: Any, context: grpc.ServicerContext) -> Any:
+            return info(request_iterator, context)
+
+        reflection_info.experimental_thread_pool = self.reflection_pool  # type: ignore[attr-defined]
+        refl.ServerReflectionInfo = reflection_info  # type: ignore[method-assign]
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(refl, server)
         try:
             if cfg.tls:
                 creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
@@ -155,6 +189,8 @@ class CloakServer:
         if self.server is not None:
             self.server.stop(grace).wait()
         self.metrics.close()
+        for pool in (self.stream_pool, self.unary_pool, self.health_pool, self.reflection_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
         self.stopped.set()
         logs.event("stopped")
 

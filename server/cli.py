@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .config import DEFAULT_LISTEN, ServerConfig, ServerConfigError
+from .config import DEFAULT_LISTEN, ServerConfig, ServerConfigError, parse_size
 
 SERVE_EPILOG = """\
 examples:
@@ -19,6 +19,13 @@ Logs are JSON lines on stderr (--log-format text for humans), every job event wi
 SIGTERM/SIGINT drains: health turns NOT_SERVING, queued jobs end UNAVAILABLE, running jobs get --drain-timeout
 seconds to finish; a second signal stops at once. Exit codes: 0 clean stop, 2 bad flags, 4 models failed to load.
 """
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ServerConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sec.add_argument("--token-file", metavar="FILE",
                      help="require 'authorization: Bearer <token>' on every RPC but health; the file must be mode "
                           "0600")
+    sec.add_argument("--tokens-file", metavar="FILE",
+                     help="named tokens, one 'NAME TOKEN' per line (mode 0600): each name is an identity with its "
+                          "own jobs (only it may Attach/Cancel/GetJob them), fair share and stream caps; names "
+                          "appear in logs and metrics")
     sec.add_argument("--insecure", action="store_true",
                      help="allow a non-loopback --listen address without TLS (tokens and audio in clear text)")
     ops = p.add_argument_group("operations")
@@ -61,6 +72,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help=f"largest upload of one job (default {d.max_upload_mb:g} MB)")
     ops.add_argument("--drain-timeout", type=float, default=d.drain_timeout, metavar="S",
                      help=f"on SIGTERM, how long running jobs may take to finish (default {d.drain_timeout:g} s)")
+    ops.add_argument("--upload-idle-timeout", type=float, default=d.upload_idle_timeout, metavar="S",
+                     help=f"an upload sending no PCM bytes for this long ends DEADLINE_EXCEEDED and frees its slot; "
+                          f"empty chunks are no progress (default {d.upload_idle_timeout:g} s)")
+    ops.add_argument("--memory-budget", type=_size, metavar="SIZE",
+                     help="memory for uploads and running jobs together: bytes or 512MiB, 8GiB, 2GB; a job waits "
+                          "or is refused (RESOURCE_EXHAUSTED + RetryInfo) when it does not fit (default: half the "
+                          "physical memory)")
+    ops.add_argument("--max-attach-per-job", type=int, default=d.max_attach_per_job, metavar="N",
+                     help=f"open Attach streams on one job (default {d.max_attach_per_job})")
+    ops.add_argument("--max-attach-per-client", type=int, default=d.max_attach_per_client, metavar="N",
+                     help=f"open Attach streams of one identity (default {d.max_attach_per_client})")
+    ops.add_argument("--max-attach", type=int, default=d.max_attach, metavar="N",
+                     help=f"open Attach streams in all (default {d.max_attach})")
     ops.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     ops.add_argument("--log-format", choices=["json", "text"], default="json", help="log line format (default json)")
 
@@ -73,7 +97,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_key=args.tls_key, token_file=args.token_file, insecure=args.insecure, metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr, result_ttl=args.result_ttl, max_results=args.max_results,
         max_result_mb=args.max_result_mb, max_upload_mb=args.max_upload_mb, drain_timeout=args.drain_timeout,
-        threads=args.threads, log_format=args.log_format)
+        threads=args.threads, log_format=args.log_format, upload_idle_timeout=args.upload_idle_timeout,
+        max_attach_per_job=args.max_attach_per_job, max_attach_per_client=args.max_attach_per_client,
+        max_attach=args.max_attach, tokens_file=args.tokens_file, memory_budget=args.memory_budget)
 
 
 def run(args: argparse.Namespace) -> int:

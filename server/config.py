@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,12 @@ class ServerConfig:
     drain_timeout: float = 60.0  # on SIGTERM: how long running jobs may take to finish
     threads: int | None = None  # torch CPU threads
     log_format: str = "json"  # json | text
+    upload_idle_timeout: float = 20.0  # an upload that sends no PCM bytes this long ends DEADLINE_EXCEEDED
+    max_attach_per_job: int = 4  # open Attach streams on one job
+    max_attach_per_client: int = 8  # open Attach streams of one identity
+    max_attach: int = 64  # open Attach streams in all (each holds a stream thread)
+    tokens_file: str | None = None  # named tokens, one "NAME TOKEN" per line
+    memory_budget: int | None = None  # bytes for uploads + running jobs; None = half the physical memory
 
     @property
     def max_upload_bytes(self) -> int:
@@ -77,8 +84,31 @@ class ServerConfig:
             raise ServerConfigError(
                 f"refusing to listen on {self.listen} without TLS: audio and tokens would cross the network in "
                 "clear text. Pass --tls-cert/--tls-key, listen on a loopback address, or add --insecure")
+        if self.token_file and self.tokens_file:
+            raise ServerConfigError("--token-file and --tokens-file exclude each other (put the one token in the "
+                                    "tokens file under a name)")
         if self.token_file:
             load_token(self.token_file)
+        if self.tokens_file:
+            load_tokens(self.tokens_file)
+        if not 0 < self.upload_idle_timeout <= 3600:
+            raise ServerConfigError(f"--upload-idle-timeout must be in (0, 3600] s, got {self.upload_idle_timeout}")
+        for flag, v in (("--max-attach-per-job", self.max_attach_per_job),
+                        ("--max-attach-per-client", self.max_attach_per_client), ("--max-attach", self.max_attach)):
+            if not 1 <= v <= 10_000:
+                raise ServerConfigError(f"{flag} must be in [1, 10000], got {v}")
+        if self.memory_budget is not None and self.memory_budget < 16 << 20:
+            raise ServerConfigError(f"--memory-budget must be at least 16MiB, got {self.memory_budget} bytes")
+        if self.metrics_port is not None and not is_loopback(self.metrics_addr) and not self.tls \
+                and not self.insecure:
+            raise ServerConfigError(
+                f"refusing to serve metrics on {self.metrics_addr} without TLS: anyone on the network could read "
+                "them. Pass --tls-cert/--tls-key (metrics then use HTTPS with the same certificate), use a "
+                "loopback --metrics-addr, or add --insecure")
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return self.memory_budget if self.memory_budget is not None else physical_memory() // 2
 
 
 def split_listen(listen: str) -> tuple[str, int | None]:
@@ -105,6 +135,74 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name: may resolve to anything
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory (the cgroup limit when one is lower), 8 GiB when unknown."""
+    total = 8 << 30
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            v = Path(f).read_text().strip()
+        except OSError:
+            continue
+        if v.isdigit() and 0 < int(v) < total:
+            total = int(v)
+    return total
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of '1073741824', '512MiB', '8GiB', '2GB', '1.5 GiB' (KiB/MiB/GiB/TiB binary, KB/MB/GB/TB decimal)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ServerConfigError(f"not a size: {text!r} (examples: 1073741824, 512MiB, 8GiB, 2GB)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def load_tokens(path: str | os.PathLike[str], check_mode: bool = True) -> dict[str, str]:
+    """{token: name} of a tokens file: one "NAME TOKEN" per line ('#' comments and blank lines ignored), names
+    [A-Za-z0-9._@-] up to 64 characters, tokens as for --token-file; names and tokens unique; mode 0600."""
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ServerConfigError(f"tokens file {p}: {e.strerror or e}") from e
+    if check_mode and os.name == "posix" and st.st_mode & 0o077:
+        raise ServerConfigError(f"tokens file {p} is accessible by other users (mode "
+                                f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {p}")
+    out: dict[str, str] = {}
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not _NAME.fullmatch(parts[0]):
+            raise ServerConfigError(f"tokens file {p} line {n}: expected 'NAME TOKEN' with a name of letters, "
+                                    "digits and ._@- (up to 64)")
+        name, token = parts
+        if not token.isprintable() or len(token) < 16:
+            raise ServerConfigError(f"tokens file {p} line {n}: the token of {name!r} is too short (at least 16 "
+                                    "printable characters)")
+        if token in out:
+            raise ServerConfigError(f"tokens file {p} line {n}: {name!r} has the same token as {out[token]!r}")
+        if name in out.values():
+            raise ServerConfigError(f"tokens file {p} line {n}: the name {name!r} appears twice")
+        out[token] = name
+    if not out:
+        raise ServerConfigError(f"tokens file {p} holds no 'NAME TOKEN' line")
+    return out
 
 
 def load_token(path: str | os.PathLike[str], check_mode: bool = True) -> str:

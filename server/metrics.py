@@ -22,7 +22,7 @@ except ImportError:  # optional: metrics are then counted nowhere
     prom = None  # type: ignore[assignment]
 
 OUTCOMES = ("succeeded", "failed", "cancelled", "rejected_invalid", "rejected_busy", "rejected_deadline",
-            "rejected_draining", "shutdown")
+            "rejected_draining", "rejected_idle", "rejected_memory", "shutdown")
 
 
 class _Null:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -41,12 +44,147 @@ def _retry_status(message: str, retry_after: float) -> Any:
     return rpc_status.to_status(st)
 
 
+class _Gone(Exception):
+    """The client cancelled the call or went away."""
+
+
+class _Once:
+    """Call `fn` at most once (from a handler's finally and a gRPC termination callback alike)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._fn: Callable[[], Any] | None = fn
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
+
+
+class _Reader:
+    """Reads a request stream in its own thread, so that the handler can wait for the next message with a
+    timeout (a blocking request iterator has none). At most `depth` messages (<= 1 MiB each) wait in between."""
+
+    def __init__(self, requests: Iterator[Any], depth: int = 4) -> None:
+        self._q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._requests = requests
+        self._thread = threading.Thread(target=self._run, name="cloak-upload-reader", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for msg in self._requests:
+                if not self._put(("msg", msg)):
+                    return
+            self._put(("end", None))
+        except grpc.RpcError:
+            self._put(("gone", None))
+        except Exception as e:  # noqa: BLE001 - handed to the handler thread
+            self._put(("error", e))
+
+    def get(self, timeout: float) -> tuple[str, Any]:
+        try:
+            return self._q.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return "wait", None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class StreamCaps:
+    """Counts open streams: Protect in all, Attach in all, per job and per identity. Every open stream holds a
+    thread of the stream pool, so these caps (and a pool sized to them) keep threads free for everything else."""
+
+    def __init__(self, max_protect: int, max_attach: int, per_job: int, per_client: int) -> None:
+        self.max_protect, self.max_attach, self.per_job, self.per_client = max_protect, max_attach, per_job, per_client
+        self._lock = threading.Lock()
+        self.protect = 0
+        self.attach = 0
+        self.by_job: dict[str, int] = {}
+        self.by_client: dict[str, int] = {}
+
+    def enter_protect(self) -> bool:
+        with self._lock:
+            if self.protect >= self.max_protect:
+                return False
+            self.protect += 1
+            return True
+
+    def leave_protect(self) -> None:
+        with self._lock:
+            self.protect -= 1
+
+    def enter_attach(self, job_id: str, client: str) -> str:
+        """'' when admitted, else why not."""
+        with self._lock:
+            if self.by_job.get(job_id, 0) >= self.per_job:
+                return f"this job already has {self.per_job} open Attach streams (--max-attach-per-job)"
+            if self.by_client.get(client, 0) >= self.per_client:
+                return f"{client} already has {self.per_client} open Attach streams (--max-attach-per-client)"
+            if self.attach >= self.max_attach:
+                return f"the server has {self.max_attach} open Attach streams (--max-attach)"
+            self.attach += 1
+            self.by_job[job_id] = self.by_job.get(job_id, 0) + 1
+            self.by_client[client] = self.by_client.get(client, 0) + 1
+            return ""
+
+    def leave_attach(self, job_id: str, client: str) -> None:
+        with self._lock:
+            self.attach -= 1
+            for d, k in ((self.by_job, job_id), (self.by_client, client)):
+                d[k] -= 1
+                if not d[k]:
+                    del d[k]
+
+    @property
+    def threads(self) -> int:
+        """Stream-pool threads: one per stream the caps allow, and spares that turn the rest away at once."""
+        return self.max_protect + self.max_attach + 8
+
+
 class CloakServicer(pb_grpc.CloakServiceServicer):
-    def __init__(self, scheduler: Scheduler, limits: pcm.Limits, device: str) -> None:
+    def __init__(self, scheduler: Scheduler, limits: pcm.Limits, device: str, caps: StreamCaps | None = None,
+                 upload_idle_timeout: float = 20.0,
+                 identify: Callable[[grpc.ServicerContext], str | None] | None = None) -> None:
         self.sched = scheduler
         self.limits = limits
         self.device = device
+        cfg = scheduler.cfg
+        self.caps = caps or StreamCaps(cfg.max_queue + cfg.max_batch + 8, cfg.max_attach, cfg.max_attach_per_job,
+                                       cfg.max_attach_per_client)
+        self.upload_idle_timeout = upload_idle_timeout
+        self._identify = identify
         self.started = time.monotonic()
+
+    def bind_pool(self, pool: ThreadPoolExecutor) -> None:
+        """Run the streaming handlers (Protect, Attach) in `pool`, apart from the unary ones and health: gRPC
+        takes a handler's pool from its `experimental_thread_pool` attribute."""
+        for name in ("Protect", "Attach"):
+            method = getattr(type(self), name).__get__(self)
+
+            def behavior(request: Any, context: grpc.ServicerContext, _m: Callable[..., Any] = method) -> Any:
+                return _m(request, context)
+
+            behavior.experimental_thread_pool = pool  # type: ignore[attr-defined]
+            setattr(self, name, behavior)
+
+    def identity(self, context: grpc.ServicerContext) -> str:
+        """Who is calling: the token's name (--tokens-file), else the peer's host. Never the self-declared
+        client_name, which anyone can change."""
+        name = self._identify(context) if self._identify is not None else None
+        return name or peer_host(context.peer())
 
     # --- Protect ---------------------------------------------------------------------------------------------
     def _reject(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str, outcome: str,
@@ -59,10 +197,52 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
     def Protect(self, request_iterator: Iterator[pb.ProtectRequest],
                 context: grpc.ServicerContext) -> Iterator[pb.ProtectResponse]:
         peer = context.peer()
-        bad = grpc.StatusCode.INVALID_ARGUMENT
+        if not self.caps.enter_protect():
+            self.sched.metrics.jobs.labels("rejected_busy").inc()
+            context.abort_with_status(_retry_status(
+                f"too many open Protect streams ({self.caps.max_protect}); retry shortly", 2.0))
+        once = _Once(self.caps.leave_protect)
+        if not context.add_callback(once):
+            once()
+        reader = _Reader(request_iterator)
         try:
-            first = next(iter(request_iterator), None)
-        except grpc.RpcError:
+            yield from self._protect(reader, context, peer)
+        finally:
+            reader.stop()
+            once()
+
+    def _next(self, reader: _Reader, context: grpc.ServicerContext, idle_since: list[float], peer: str,
+              what: str) -> Any:
+        """The next request message, or None at the end of the stream. Aborts DEADLINE_EXCEEDED when no PCM
+        byte (or, first, no header) arrived for --upload-idle-timeout seconds; raises _Gone when the client left."""
+        limit = self.upload_idle_timeout
+        while True:
+            left = idle_since[0] + limit - time.monotonic()
+            if left <= 0:
+                self.sched.metrics.jobs.labels("rejected_idle").inc()
+                logs.event("upload_idle_timeout", level=30, peer=peer, waiting_for=what, seconds=limit)
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"no {what} for {limit:g} s (the server's --upload-idle-timeout): the upload was "
+                              "dropped and its queue slot freed; send the PCM without long pauses")
+            kind, value = reader.get(min(left, 1.0))
+            if kind == "wait":
+                if not context.is_active():
+                    raise _Gone()
+                continue
+            if kind == "msg":
+                return value
+            if kind == "end":
+                return None
+            if kind == "gone":
+                raise _Gone()
+            raise value  # an unexpected error in the reader
+
+    def _protect(self, reader: _Reader, context: grpc.ServicerContext, peer: str) -> Iterator[pb.ProtectResponse]:
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        idle_since = [time.monotonic()]
+        try:
+            first = self._next(reader, context, idle_since, peer, "ProtectHeader")
+        except _Gone:
             return
         if first is None:
             self._reject(context, bad, "empty request stream: the first message must be a ProtectHeader",
@@ -100,26 +280,37 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             context.abort_with_status(_retry_status(str(e), e.retry_after))
         except NotAccepting as e:
             self._reject(context, grpc.StatusCode.UNAVAILABLE, str(e), "rejected_draining", peer)
+        released = _Once(self.sched.release)
+        received = False
         try:
             receiver = pcm.Receiver(upload, self.limits)
-            for i, msg in enumerate(request_iterator, start=2):
+            idle_since[0] = time.monotonic()
+            i = 1
+            while True:
+                msg = self._next(reader, context, idle_since, peer, "PCM bytes")
+                if msg is None:
+                    break
+                i += 1
                 which = msg.WhichOneof("payload")
                 if which == "pcm":
                     receiver.add(msg.pcm)
+                    if msg.pcm:  # an empty chunk is no progress: it does not hold the slot any longer
+                        idle_since[0] = time.monotonic()
                 elif which == "header":
                     raise pcm.InvalidInput(f"message {i}: a second ProtectHeader; send one header, then pcm chunks")
                 else:
                     raise pcm.InvalidInput(f"message {i}: empty message (neither header nor pcm)")
             samples = receiver.finish()
+            received = True  # the reservation becomes the job's queue slot in submit()
         except pcm.InvalidInput as e:
-            self.sched.release()
+            released()
             self._reject(context, bad, str(e), "rejected_invalid", peer)
-        except grpc.RpcError:  # the client went away during the upload
-            self.sched.release()
+        except (_Gone, grpc.RpcError):  # the client went away during the upload
+            released()
             return
-        except BaseException:
-            self.sched.release()
-            raise
+        finally:
+            if not received:
+                released()  # the idle-timeout abort and anything unexpected free the slot too
         rec = JobRecord(upload, samples, header.client_name or peer_host(peer), header.keep_on_disconnect, peer)
         sub = rec.subscribe()  # before submit: the stream sees every event, however fast the scheduler moves
         try:
@@ -174,9 +365,21 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
 
     def Attach(self, request: pb.AttachRequest, context: grpc.ServicerContext) -> Iterator[pb.AttachResponse]:
         rec = self._record(request.job_id, context)
-        rec.attaches += 1
-        logs.event("job_attached", job_id=rec.id, peer=context.peer(), state=pb.JobState.Name(rec.state))
-        yield from self._follow(rec, context, pb.AttachResponse)
+        who = self.identity(context)
+        why = self.caps.enter_attach(rec.id, who)
+        if why:
+            logs.event("attach_refused", level=30, job_id=rec.id, client=who, peer=context.peer(), reason=why)
+            context.abort_with_status(_retry_status(why + "; close another stream or retry later", 5.0))
+        once = _Once(lambda: self.caps.leave_attach(rec.id, who))
+        if not context.add_callback(once):
+            once()
+        try:
+            rec.attaches += 1
+            logs.event("job_attached", job_id=rec.id, peer=context.peer(), client=who,
+                       state=pb.JobState.Name(rec.state))
+            yield from self._follow(rec, context, pb.AttachResponse)
+        finally:
+            once()
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         rec = self._record(request.job_id, context)
@@ -198,7 +401,8 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             max_chunk_bytes=self.limits.max_chunk_bytes, min_sample_rate=cloak.audio.MIN_SAMPLE_RATE,
             max_sample_rate=cloak.audio.MAX_SAMPLE_RATE, max_channels=cloak.audio.MAX_CHANNELS,
             max_upload_bytes=self.limits.max_upload_bytes, result_ttl_seconds=cfg.result_ttl,
-            min_seconds=self.limits.min_seconds)
+            min_seconds=self.limits.min_seconds, upload_idle_timeout_seconds=self.upload_idle_timeout,
+            max_attach_per_job=self.caps.per_job, max_attach_per_client=self.caps.per_client)
         return pb.GetServerInfoResponse(
             version=cloak.__version__, state=self.sched.serving_state,
             models=[pb.ModelInfo(name=i.name, sha256=i.sha256 or "", device=i.device, dtype=i.dtype)

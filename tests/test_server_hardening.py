@@ -3,6 +3,9 @@ uploads, Cancel races, forged log lines, stream floods, other users' jobs, memor
 
 from __future__ import annotations
 
+import threading
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from test_server_helpers import (
     running,
     speech,
     stub,
+    wait_for,
 )
 
 from server.gen import cloak_service_pb2 as pb
@@ -98,3 +102,133 @@ def test_silent_input_says_it_is_not_protected_instead_of_an_snr(ch):
     m = events[-1].done.metrics
     assert m.linf == 0 and m.snr_db == 0
     assert m.warning.startswith("NOT PROTECTED") and "silent" in m.warning
+
+
+# ------------------------------------------------------------------------------------- upload idle timeout
+def _stalling(h: pb.ProtectHeader | None, chunks: list[bytes], stop: threading.Event,
+              empty_every: float | None = None, pause: float = 0.0, stall: bool = True):
+    """A request stream: the header, `chunks` (each after `pause` s), then (with stall) nothing or empty chunks
+    until stop."""
+    if h is not None:
+        yield pb.ProtectRequest(header=h)
+    for c in chunks:
+        if stop.wait(pause):
+            return
+        yield pb.ProtectRequest(pcm=c)
+    while stall and not stop.wait(empty_every or 0.05):
+        if empty_every:
+            yield pb.ProtectRequest(pcm=b"")
+
+
+def _timed_protect(s, reqs, timeout: float = 30.0):
+    t0 = time.monotonic()
+    call = s.Protect(reqs, timeout=timeout)
+    events: list = []
+    try:
+        for r in call:
+            events.append(r.event)
+    except grpc.RpcError as e:
+        return events, e.code(), e.details(), time.monotonic() - t0
+    return events, grpc.StatusCode.OK, "", time.monotonic() - t0
+
+
+def test_idle_uploads_end_deadline_exceeded_and_free_their_slot(models):
+    audio = speech(0.5)
+    h, data = header(audio, 16000, fast_settings(iterations=1))
+    with running(models, max_batch=1, max_queue=1, upload_idle_timeout=1.0) as srv, channel(srv) as c:
+        s = stub(c)
+        stop = threading.Event()
+        try:
+            # nothing at all, not even a header
+            _, code, details, took = _timed_protect(s, _stalling(None, [], stop))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no ProtectHeader for 1 s" in details
+            assert 0.9 <= took < 5, took
+            # a header and half the PCM, then silence; meanwhile the only queue slot is taken
+            got: list = []
+            t = threading.Thread(target=lambda: got.append(_timed_protect(s, _stalling(h, [data[:4000]], stop))))
+            t.start()
+            wait_for(lambda: srv.scheduler.snapshot()["queue_depth"] == 1)
+            assert raw_protect(s, messages(h, data))[1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+            t.join(10)
+            _, code, details, took = got[0]
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no PCM bytes for 1 s" in details, details
+            assert "--upload-idle-timeout" in details and took < 5
+            assert srv.scheduler.snapshot() == {"queue_depth": 0, "active_jobs": 0}  # the slot is free again
+            assert raw_protect(s, messages(h, data))[1] == grpc.StatusCode.OK
+            # empty chunks every 0.1 s are no progress
+            _, code, details, took = _timed_protect(s, _stalling(h, [], stop, empty_every=0.1))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no PCM bytes" in details and took < 5
+            # a slow upload that keeps sending bytes is fine: 4 chunks 0.5 s apart, 2 s in all
+            q = len(data) // 4 + 1
+            chunks = [data[i:i + q] for i in range(0, len(data), q)]
+            events, code, details, took = _timed_protect(s, _stalling(h, chunks, stop, pause=0.5, stall=False))
+            assert code == grpc.StatusCode.OK and kinds(events)[-1] == "done" and took >= 1.5, (code, details)
+        finally:
+            stop.set()
+        assert srv.metrics.value("cloak_jobs_total", {"outcome": "rejected_idle"}) == 3
+        assert srv.scheduler.snapshot() == {"queue_depth": 0, "active_jobs": 0}
+
+
+# ---------------------------------------------------------------------------------- stream caps, health
+def _long_running(s, **kw) -> str:
+    h, data = header(speech(1.0), 16000, fast_settings(iterations=5000), keep_on_disconnect=True, **kw)
+    events, _, _ = raw_protect(s, messages(h, data), stop_after="started")
+    return events[0].job_id
+
+
+def _health_seconds(c: grpc.Channel) -> float:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    t0 = time.monotonic()
+    assert health_pb2_grpc.HealthStub(c).Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+    return time.monotonic() - t0
+
+
+def test_attach_and_protect_floods_are_capped_and_health_answers_within_a_second(models):
+    with running(models, max_batch=2, max_queue=4, max_attach_per_job=4, max_attach_per_client=6,
+                 max_attach=8, upload_idle_timeout=30) as srv, channel(srv) as c:
+        s = stub(c)
+        job = _long_running(s)
+        # 80 Attach streams on one job: 4 stay open, 76 are refused at once with a retry hint
+        calls = [s.Attach(pb.AttachRequest(job_id=job), timeout=60) for _ in range(80)]
+        assert max(_health_seconds(c) for _ in range(5)) < 1.0
+        open_, refused = [], []
+        for call in calls:
+            try:
+                next(iter(call))
+                open_.append(call)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                refused.append(e.details())
+        assert len(open_) == 4 and len(refused) == 76 and "--max-attach-per-job" in refused[0]
+        assert srv.caps.attach == 4
+        # the same client on a second job: its per-client cap (6) ends it at 2 more
+        job2 = _long_running(s)
+        more = [s.Attach(pb.AttachRequest(job_id=job2), timeout=60) for _ in range(5)]
+        codes = []
+        for call in more:
+            try:
+                next(iter(call))
+                codes.append("open")
+            except grpc.RpcError as e:
+                codes.append(e.details())
+        assert codes.count("open") == 2 and all("--max-attach-per-client" in x for x in codes if x != "open")
+        # 60 Protect streams that never send a header: at most max_queue + max_batch + 8 = 14 are held
+        stop = threading.Event()
+        stalled = [s.Protect(_stalling(None, [], stop), timeout=60) for _ in range(60)]
+        t0 = time.monotonic()
+        worst = max(_health_seconds(c) for _ in range(10))
+        info_t0 = time.monotonic()
+        info = s.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
+        info_s = time.monotonic() - info_t0
+        assert worst < 1.0 and info_s < 1.0 and info.limits.max_attach_per_job == 4, (worst, info_s)
+        wait_for(lambda: srv.caps.protect == 14, timeout=10)
+        wait_for(lambda: sum(x.done() and x.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for x in stalled) == 46)
+        assert time.monotonic() - t0 < 10
+        stop.set()
+        for call in [*stalled, *open_, *more]:
+            call.cancel()
+        for j in (job, job2):
+            s.Cancel(pb.CancelRequest(job_id=j), timeout=10)
+        wait_for(lambda: srv.caps.attach == 0 and srv.caps.protect == 0, timeout=10)
+        wait_for(lambda: srv.scheduler.snapshot() == {"queue_depth": 0, "active_jobs": 0})
