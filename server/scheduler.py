@@ -420,13 +420,22 @@ class Scheduler:
             self._prune()
             return self.jobs.get(job_id)
 
-    def cancel(self, job_id: str, reason: str, code: grpc.StatusCode = grpc.StatusCode.CANCELLED) -> int:
-        """Cancel a job by id: a queued job ends at once, a running one within one iteration. Returns the
-        state after the request. Raises KeyError for an unknown id."""
+    def cancel(self, job_id: str, reason: str, code: grpc.StatusCode = grpc.StatusCode.CANCELLED,
+               wait: float = 0.0) -> int:
+        """Cancel a job by id (see cancel_record). Raises KeyError for an unknown id."""
         with self.cond:
             rec = self.jobs.get(job_id)
-            if rec is None:
-                raise KeyError(job_id)
+        if rec is None:
+            raise KeyError(job_id)
+        return self.cancel_record(rec, reason, code, wait)
+
+    def cancel_record(self, rec: JobRecord, reason: str, code: grpc.StatusCode = grpc.StatusCode.CANCELLED,
+                      wait: float = 0.0) -> int:
+        """Cancel a job: a queued one ends at once, a running one at its next check (between U-Net calls).
+        Waits up to `wait` s for the job to end and returns the state it is really in then: CANCELLED, or
+        SUCCEEDED/FAILED when it finished first, or RUNNING when it has not stopped yet. Works on a record that
+        was pruned meanwhile (it just stays finished)."""
+        with self.cond:
             if rec.finished:
                 return rec.state
             if self.queue.remove(rec):
@@ -437,18 +446,17 @@ class Scheduler:
                 rec.cancel_status = (code, reason)
                 rec.cancel.cancel()
             self.cond.notify_all()
-            return pb.JOB_STATE_CANCELLED
+            end = time.monotonic() + wait
+            while not rec.finished and (left := end - time.monotonic()) > 0:
+                self.cond.wait(min(left, 0.5))
+            return rec.state
 
     def on_rpc_end(self, rec: JobRecord) -> None:
         """The job's Protect call ended: unless the client asked to keep it, a dropped call cancels the job."""
         if rec.finished or rec.keep_on_disconnect:
             return
-        try:
-            self.cancel(rec.id, "the client disconnected (or its deadline passed) before the job finished")
-        except KeyError:
-            pass
-        else:
-            logs.event("job_disconnected", job_id=rec.id, client=rec.client)
+        self.cancel_record(rec, "the client disconnected (or its deadline passed) before the job finished")
+        logs.event("job_disconnected", job_id=rec.id, client=rec.client)
 
     # --- estimates ---------------------------------------------------------------------------------------
     def estimate(self, upload: pcm.Upload) -> float | None:
@@ -535,11 +543,7 @@ class Scheduler:
             if rec.finished or rec.job is None:
                 continue
             if rec.cancel.cancelled:
-                code, reason = rec.cancel_status
-                outcome = "cancelled" if code == grpc.StatusCode.CANCELLED else "shutdown"
-                state = pb.JOB_STATE_CANCELLED if code == grpc.StatusCode.CANCELLED else pb.JOB_STATE_FAILED
-                with self.cond:
-                    self._end(rec, state, code, reason, outcome)
+                self._end_cancelled(rec)
                 continue
             if rec.job.done:
                 self._complete(rec)
@@ -558,7 +562,17 @@ class Scheduler:
                 self._step(recs[i:i + self.cfg.max_batch])
         for rec in runnable:
             if not rec.finished and rec.job is not None and rec.job.done:
-                self._complete(rec)
+                if rec.cancel.cancelled:  # cancelled during its last step: it must not be delivered
+                    self._end_cancelled(rec)
+                else:
+                    self._complete(rec)
+
+    def _end_cancelled(self, rec: JobRecord) -> None:
+        code, reason = rec.cancel_status
+        outcome = "cancelled" if code == grpc.StatusCode.CANCELLED else "shutdown"
+        state = pb.JOB_STATE_CANCELLED if code == grpc.StatusCode.CANCELLED else pb.JOB_STATE_FAILED
+        with self.cond:
+            self._end(rec, state, code, reason, outcome)
 
     def _step(self, recs: list[JobRecord]) -> None:
         t0 = time.perf_counter()

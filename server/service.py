@@ -23,6 +23,8 @@ from .gen import cloak_service_pb2_grpc as pb_grpc
 from .scheduler import JobRecord, NotAccepting, QueueFull, Scheduler
 
 MAX_JOB_ID = 128
+CANCEL_WAIT_S = 10.0  # Cancel waits this long at most for the job to stop before answering its state
+CANCEL_WAITERS = 8  # Cancel calls waiting at once (each holds a unary thread); more answer without waiting
 HEARTBEAT_S = 15.0  # a stream with nothing new repeats its latest event this often (keeps proxies and clients sure)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CloakService"].full_name
 
@@ -166,6 +168,7 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
                                        cfg.max_attach_per_client)
         self.upload_idle_timeout = upload_idle_timeout
         self._identify = identify
+        self._cancel_waits = threading.BoundedSemaphore(CANCEL_WAITERS)
         self.started = time.monotonic()
 
     def bind_pool(self, pool: ThreadPoolExecutor) -> None:
@@ -383,7 +386,17 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         rec = self._record(request.job_id, context)
-        state = self.sched.cancel(rec.id, "cancelled by a Cancel request")
+        # wait (a little, and only a few calls at a time: they hold unary threads) for the state the job really
+        # ends in, so that CANCELLED is never answered for a job that goes on to deliver its result
+        waits = self._cancel_waits.acquire(blocking=False)
+        try:
+            wait = min(CANCEL_WAIT_S, max(0.0, context.time_remaining() - 0.2)) if waits else 0.0
+            state = self.sched.cancel_record(rec, "cancelled by a Cancel request", wait=wait)
+        finally:
+            if waits:
+                self._cancel_waits.release()
+        logs.event("job_cancel_requested", job_id=rec.id, client=self.identity(context),
+                   state=pb.JobState.Name(state))
         return pb.CancelResponse(state=state)
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:

@@ -232,3 +232,50 @@ def test_attach_and_protect_floods_are_capped_and_health_answers_within_a_second
             s.Cancel(pb.CancelRequest(job_id=j), timeout=10)
         wait_for(lambda: srv.caps.attach == 0 and srv.caps.protect == 0, timeout=10)
         wait_for(lambda: srv.scheduler.snapshot() == {"queue_depth": 0, "active_jobs": 0})
+
+
+# ------------------------------------------------------------------------------------------------- Cancel
+def test_cancel_reports_the_state_the_job_really_ends_in(server, ch):
+    """Cancel at every moment of short jobs' lives; the answer always matches what the stream delivered."""
+    s = stub(ch)
+    seen = set()
+    for i in range(12):
+        h, data = header(speech(0.5), 16000, fast_settings(iterations=3, seed=i))
+        call = s.Protect(iter(messages(h, data)), timeout=60)
+        events, answer, delivered = [], None, False
+        try:
+            for r in call:
+                events.append(r.event)
+                kind = r.event.WhichOneof("kind")
+                # the i-th event of the stream (accepted, started, progress 1..3, result, done) triggers the Cancel
+                if answer is None and len(events) == 1 + i % 6:
+                    answer = s.Cancel(pb.CancelRequest(job_id=r.event.job_id), timeout=20).state
+                delivered = delivered or kind == "done"
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.CANCELLED, e
+        if answer is None:  # the stream ended before the chosen event: cancel the finished job
+            answer = s.Cancel(pb.CancelRequest(job_id=events[0].job_id), timeout=20).state
+        final = s.GetJob(pb.GetJobRequest(job_id=events[0].job_id), timeout=10).status.state
+        assert answer == final, (i, answer, final)
+        assert (final == pb.JOB_STATE_SUCCEEDED) == delivered, (i, final, delivered)
+        seen.add(final)
+    assert seen == {pb.JOB_STATE_CANCELLED, pb.JOB_STATE_SUCCEEDED}
+
+
+def test_cancel_of_a_pruned_job_is_no_key_error(models):
+    with running(models, max_results=1) as srv, channel(srv) as c:
+        s = stub(c)
+        ids = []
+        for seed in (1, 2):
+            h, data = header(speech(0.5), 16000, fast_settings(iterations=1, seed=seed))
+            events, code, _ = raw_protect(s, messages(h, data))
+            assert code == grpc.StatusCode.OK
+            ids.append(events[0].job_id)
+        assert srv.scheduler.get(ids[0]) is None  # pruned: only one result is kept
+        rec = srv.scheduler.get(ids[1])
+        srv.scheduler._prune = lambda: None  # noqa: SLF001
+        srv.scheduler.jobs.pop(ids[1])  # as if pruning ran between the Cancel's lookup and its action
+        assert srv.scheduler.cancel_record(rec, "test") == pb.JOB_STATE_SUCCEEDED
+        with pytest.raises(grpc.RpcError) as ei:
+            s.Cancel(pb.CancelRequest(job_id=ids[0]), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
