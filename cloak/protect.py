@@ -538,9 +538,12 @@ def protect(audio: np.ndarray, sample_rate: int, models: Models | None = None, c
 
         models = load_models()
     job = ProtectionJob(audio, sample_rate, models, config, progress, cancel)
-    if job.cfg.iterations == 0:
+    if job.cfg.iterations == 0:  # no PGD step: the input comes back unchanged (run_jobs has no window left to step)
         while not job.done:
             job.prepare()
             job.finish_window()
+        zero = job.result()
+        zero.metrics["note"] = "iterations=0: no perturbation was computed; the output is the input unchanged"
+        return zero
     run_jobs([job])
     return job.result()
