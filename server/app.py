@@ -20,12 +20,12 @@ from cloak.bundle import Models
 
 from . import logs, pcm
 from .auth import TokenInterceptor
-from .config import MAX_CHUNK_BYTES, ServerConfig, ServerConfigError, load_token
+from .config import MAX_CHUNK_BYTES, ServerConfig, ServerConfigError, is_loopback, load_token
 from .gen import cloak_service_pb2 as pb
 from .gen import cloak_service_pb2_grpc as pb_grpc
 from .metrics import Metrics
 from .scheduler import Scheduler
-from .service import SERVICE_NAME, CloakServicer, StreamCaps
+from .service import SERVICE_NAME, CloakServicer, StreamCaps, peer_host
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_BUNDLE = 0, 1, 2, 4
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -98,6 +98,8 @@ class CloakServer:
         self.metrics_port: int | None = None
         self.stopped = threading.Event()
         self.rejected_auth = 0
+        self._reject_lock = threading.Lock()
+        self._reject_log = logs.Throttle()
 
     def _on_state(self, state: int) -> None:
         if state == pb.SERVING_STATE_SERVING:
@@ -109,9 +111,14 @@ class CloakServer:
             for name in ("", SERVICE_NAME):
                 self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    def _count_reject(self, method: str) -> None:
-        self.rejected_auth += 1
-        logs.event("unauthenticated", level=30, method=method)
+    def _count_reject(self, method: str, peer: str) -> None:
+        """A call with missing or wrong credentials: counted always, logged at most once per 10 s per peer host
+        (and 5 lines/s in all) with how many were held back, so a flood cannot fill the disk with log."""
+        with self._reject_lock:
+            self.rejected_auth += 1
+        held = self._reject_log.allow(peer_host(peer))
+        if held is not None:
+            logs.event("unauthenticated", level=30, method=method, peer=peer, suppressed=held)
 
     @property
     def address(self) -> str:
@@ -162,7 +169,10 @@ class CloakServer:
             assert self.loader is not None
             self.scheduler.load(self.loader)
         if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_addr)
+            https = cfg.tls and not is_loopback(cfg.metrics_addr)  # a remote scraper gets the gRPC certificate
+            self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_addr,
+                                                        certfile=cfg.tls_cert if https else None,
+                                                        keyfile=cfg.tls_key if https else None)
         logs.event("listening", listen=cfg.listen, port=port, tls=cfg.tls, auth=bool(self.token),
                    metrics_port=self.metrics_port, max_queue=cfg.max_queue, max_batch=cfg.max_batch,
                    device=cfg.device)

@@ -12,7 +12,7 @@ EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
-    def __init__(self, token: str, on_reject: Callable[[str], None] | None = None) -> None:
+    def __init__(self, token: str, on_reject: Callable[[str, str], None] | None = None) -> None:
         self._token = token.encode()
         self._on_reject = on_reject
 
@@ -35,14 +35,15 @@ class TokenInterceptor(grpc.ServerInterceptor):
         ok, why = self._ok(details)
         if ok:
             return handler
-        if self._on_reject is not None:
-            self._on_reject(details.method)
+        method = details.method
 
         def deny(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
+            if self._on_reject is not None:  # here, not above: only the handler knows the peer
+                self._on_reject(method, context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
         def deny_stream(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+            deny(request_or_iterator, context)
             yield  # pragma: no cover - makes this a generator, as streaming handlers are
 
         if handler.request_streaming and handler.response_streaming:

@@ -76,11 +76,13 @@ class Metrics:
         else:
             self.device_memory.labels(dev).set_function(_rss_bytes)
 
-    def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Expose /metrics over HTTP; returns the bound port."""
+    def serve_http(self, port: int, addr: str = "127.0.0.1", certfile: str | None = None,
+                   keyfile: str | None = None) -> int:
+        """Expose /metrics over HTTP (HTTPS with certfile/keyfile); returns the bound port."""
         if prom is None:
             raise RuntimeError("--metrics-port needs prometheus-client (pip install 'voicecloak[server]')")
-        httpd, _ = prom.start_http_server(port, addr=addr, registry=self.registry)
+        httpd, _ = prom.start_http_server(port, addr=addr, registry=self.registry, certfile=certfile,
+                                          keyfile=keyfile)
         self.http = httpd
         return int(httpd.server_address[1])
 

@@ -279,3 +279,87 @@ def test_cancel_of_a_pruned_job_is_no_key_error(models):
         with pytest.raises(grpc.RpcError) as ei:
             s.Cancel(pb.CancelRequest(job_id=ids[0]), timeout=10)
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# ------------------------------------------------------------------------------------------------- logs
+def test_text_logs_escape_control_characters_so_no_line_can_be_forged():
+    import io
+    import logging
+
+    from server import logs
+
+    buf = io.StringIO()
+    log = logs.setup("text", stream=buf)
+    try:
+        logs.event("job_accepted", client="me\n12:00:00 info job_done job_id=forged", peer="ipv4:127.0.0.1:1",
+                   note="a=b c", bell="\x07\x1b[2J", sep="\u2028x", n=3)
+    finally:
+        for h in list(log.handlers):
+            log.removeHandler(h)
+        log.propagate = True
+        log.setLevel(logging.NOTSET)
+    text = buf.getvalue()
+    assert text.count("\n") == 1 and "\r" not in text and "\x1b" not in text and "\u2028" not in text
+    line = text.rstrip("\n")
+    assert 'client="me\\n12:00:00 info job_done job_id=forged"' in line
+    assert "peer=ipv4:127.0.0.1:1" in line and 'note="a=b c"' in line and "n=3" in line
+
+
+def test_unauthenticated_flood_is_logged_rate_limited_with_the_peer(models, tmp_path, caplog):
+    import logging
+
+    from test_server_helpers import token_file
+
+    tf = token_file(tmp_path)
+    with running(models, token_file=str(tf)) as srv, channel(srv) as c:
+        s = stub(c)
+        caplog.set_level(logging.INFO, logger="cloak.server")
+
+        def spray(n: int) -> None:
+            for _ in range(n):
+                with pytest.raises(grpc.RpcError):
+                    s.GetServerInfo(pb.GetServerInfoRequest(), metadata=(("authorization", "Bearer wrong"),),
+                                    timeout=10)
+
+        threads = [threading.Thread(target=spray, args=(50,)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert srv.rejected_auth == 400
+        lines = [r for r in caplog.records if r.getMessage() == "unauthenticated"]
+        assert 1 <= len(lines) <= 2, len(lines)  # one line per peer host per 10 s
+        assert lines[0].fields["peer"].startswith("ipv4:127.0.0.1:") and lines[0].fields["suppressed"] == 0
+        srv._reject_log.interval = 0.2  # noqa: SLF001 - the next window opens sooner
+        time.sleep(0.3)
+        spray(1)
+        last = [r for r in caplog.records if r.getMessage() == "unauthenticated"][-1]
+        assert last.fields["suppressed"] == 400 - len(lines)  # what was held back is reported with the next line
+
+
+def test_metrics_on_a_non_loopback_address_need_tls_or_insecure(tmp_path):
+    import ssl
+    import urllib.request
+
+    from test_server_helpers import make_tls
+
+    from server.config import ServerConfig, ServerConfigError
+    from server.metrics import Metrics
+
+    with pytest.raises(ServerConfigError, match="refusing to serve metrics on 0.0.0.0 without TLS"):
+        ServerConfig(metrics_port=9464, metrics_addr="0.0.0.0").check()
+    ServerConfig(metrics_port=9464, metrics_addr="0.0.0.0", insecure=True).check()
+    ServerConfig(metrics_port=9464, metrics_addr="127.0.0.1").check()
+    ca, cert, key = make_tls(tmp_path)
+    ServerConfig(metrics_port=9464, metrics_addr="0.0.0.0", tls_cert=str(cert), tls_key=str(key)).check()
+    # with TLS the endpoint speaks HTTPS with the server's certificate (tried on loopback)
+    m = Metrics()
+    port = m.serve_http(0, "127.0.0.1", certfile=str(cert), keyfile=str(key))
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca))
+        body = urllib.request.urlopen(f"https://localhost:{port}/metrics", timeout=10, context=ctx).read().decode()
+        assert "cloak_queue_depth" in body
+        with pytest.raises(Exception):  # noqa: B017 - plain HTTP gets no answer from a TLS endpoint
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    finally:
+        m.close()
