@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -94,6 +95,7 @@ class CloakServer:
                                       config.upload_idle_timeout)
         self.servicer.bind_pool(self.stream_pool)
         self.server: grpc.Server | None = None
+        self.loader_thread: threading.Thread | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.stopped = threading.Event()
@@ -167,7 +169,7 @@ class CloakServer:
             self._on_state(pb.SERVING_STATE_SERVING)
         else:
             assert self.loader is not None
-            self.scheduler.load(self.loader)
+            self.loader_thread = self.scheduler.load(self.loader)
         if cfg.metrics_port is not None:
             https = cfg.tls and not is_loopback(cfg.metrics_addr)  # a remote scraper gets the gRPC certificate
             self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_addr,
@@ -205,9 +207,24 @@ class CloakServer:
         logs.event("stopped")
 
 
-def serve(config: ServerConfig, ready: Callable[[CloakServer], Any] | None = None) -> int:
-    """Run a server until SIGTERM/SIGINT (drain, then stop). Returns a process exit code."""
+def serve(config: ServerConfig, ready: Callable[[CloakServer], Any] | None = None,
+          stop_requested: threading.Event | None = None) -> int:
+    """Run a server until SIGTERM/SIGINT (drain, then stop). Returns a process exit code. The signal handlers
+    are installed first, so a signal at any moment (start-up, model loading, jobs running) drains and exits 0;
+    `stop_requested` carries a signal that arrived even earlier (server.cli installs a handler before imports)."""
     logs.setup(config.log_format)
+    stop_requested = stop_requested or threading.Event()
+    signals = {"count": 0}
+    holder: dict[str, CloakServer] = {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        signals["count"] += 1
+        if signals["count"] > 1 and "srv" in holder:
+            logs.event("forced_stop", signal=signal.Signals(signum).name)
+            holder["srv"].scheduler.stop()
+        stop_requested.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         config.check()
         if config.device.startswith("cuda"):
@@ -219,25 +236,16 @@ def serve(config: ServerConfig, ready: Callable[[CloakServer], Any] | None = Non
             import torch
 
             torch.set_num_threads(config.threads)
-        srv = CloakServer(config)
+        srv = holder["srv"] = CloakServer(config)
         srv.start()
     except ServerConfigError as e:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
         logs.event("config_error", level=40, error=str(e))
         print(f"cloak serve: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     if ready is not None:
         ready(srv)
-    stop_requested = threading.Event()
-    signals = {"count": 0}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        signals["count"] += 1
-        if signals["count"] > 1:
-            logs.event("forced_stop", signal=signal.Signals(signum).name)
-            srv.scheduler.stop()
-        stop_requested.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while not stop_requested.wait(0.2):
             if srv.scheduler.load_error:
@@ -251,6 +259,15 @@ def serve(config: ServerConfig, ready: Callable[[CloakServer], Any] | None = Non
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    busy = [t.name for t in (srv.loader_thread, srv.scheduler.thread) if t is not None and t.is_alive()]
+    if busy:
+        # SIGTERM while the models load (or a step outlived the drain): that thread is inside torch, and
+        # interpreter shutdown under it aborted the process ("terminate called without an active exception",
+        # SIGABRT). No job is left and the logs are flushed, so leave without tearing the interpreter down.
+        logs.event("exit_with_busy_threads", threads=busy)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from .config import DEFAULT_LISTEN, ServerConfig, ServerConfigError, parse_size
 
@@ -109,6 +111,13 @@ def run(args: argparse.Namespace) -> int:
     except ServerConfigError as e:
         print(f"cloak serve: error: {e}", file=sys.stderr, flush=True)
         return 2
-    from .app import serve
-
-    return serve(config)
+    # a SIGTERM while grpc and torch are still importing must drain and exit 0 like any later one
+    early = threading.Event()
+    previous = {s: signal.signal(s, lambda signum, frame: early.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        from .app import serve
+    except BaseException:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        raise
+    return serve(config, stop_requested=early)

@@ -292,6 +292,10 @@ class Scheduler:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="cloak-scheduler", daemon=True)
 
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
     # --- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
