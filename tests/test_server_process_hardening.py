@@ -4,11 +4,16 @@ idle timeout flag, health under a stream flood, named tokens and the memory budg
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
+import grpc
 import pytest
-from test_server_helpers import wait_for
+from test_server_hardening import _health_seconds, _stalling
+from test_server_helpers import channel, fast_settings, header, messages, raw_protect, speech, stub, wait_for
 from test_server_process import Served
+
+from server.gen import cloak_service_pb2 as pb
 
 
 def _listening(srv: Served, timeout: float = 60) -> str:
@@ -38,3 +43,86 @@ def test_sigterm_at_any_moment_of_start_up_exits_0_without_abort(delay):
         assert srv.first("stopped") is not None
     finally:
         _stop(srv)
+
+
+def _text_port(srv: Served, timeout: float = 60) -> str:
+    import re
+
+    def port() -> str | None:
+        for line in list(srv.lines):
+            m = re.search(r" info listening .*\bport=(\d+)", line)
+            if m:
+                return m.group(1)
+        assert srv.proc.poll() is None, "\n".join(srv.lines)
+        return None
+
+    return f"127.0.0.1:{wait_for(port, timeout=timeout)}"
+
+
+def test_text_logs_idle_uploads_and_health_under_a_stream_flood(tmp_path, corpus):
+    from conftest import make_bundle
+
+    bundle = make_bundle(tmp_path / "bundle")
+    srv = Served(["--listen", "127.0.0.1:0", "--models", str(bundle), "--threads", "1", "--log-format", "text",
+                  "--upload-idle-timeout", "1", "--max-attach-per-job", "4", "--max-batch", "2",
+                  "--drain-timeout", "1"])
+    stop = threading.Event()
+    try:
+        address = _text_port(srv)
+        with channel(address) as c:
+            s = stub(c)
+            wait_for(lambda: _try_health(c), timeout=60)
+            # a client_name that tries to write a log line of its own
+            h, data = header(speech(0.5), 16000, fast_settings(iterations=1), client_name="me\nFORGED info job_done")
+            assert raw_protect(s, messages(h, data))[1] == grpc.StatusCode.OK
+            # an upload that stops sending ends after the flag's 1 s
+            t0 = time.monotonic()
+            call = s.Protect(_stalling(h, [data[:1000]], stop), timeout=30)
+            with pytest.raises(grpc.RpcError) as ei:
+                list(call)
+            assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 5
+            # a long job, 80 Attach streams on it and 40 Protect streams that never send a header
+            h2, data2 = header(speech(1.0), 16000, fast_settings(iterations=5000), keep_on_disconnect=True)
+            job = raw_protect(s, messages(h2, data2), stop_after="started", timeout=None)[0][0].job_id
+            attaches = [s.Attach(pb.AttachRequest(job_id=job), timeout=60) for _ in range(80)]
+            stalled = [s.Protect(_stalling(None, [], stop), timeout=60) for _ in range(40)]
+            worst = max(_health_seconds(c) for _ in range(10))
+            t0 = time.monotonic()
+            info = s.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
+            assert worst < 1.0 and time.monotonic() - t0 < 1.0, worst
+            assert info.active_jobs == 1 and info.limits.upload_idle_timeout_seconds == 1
+            refused = 0
+            for a in attaches:
+                try:
+                    next(iter(a))
+                except grpc.RpcError as e:
+                    refused += e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused == 76
+            # of the header-less streams, max_queue + max_batch + 8 = 26 were held (until the idle timeout)
+            wait_for(lambda: all(x.done() for x in stalled), timeout=20)
+            codes = [x.code() for x in stalled]
+            assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 26, codes
+            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 14, codes
+            # then a new job is taken and runs next to the long one
+            h3, data3 = header(speech(0.5), 16000, fast_settings(iterations=1, seed=3))
+            assert raw_protect(s, messages(h3, data3), timeout=60)[1] == grpc.StatusCode.OK
+            for call in [*attaches, *stalled]:
+                call.cancel()
+        stop.set()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(60) == 0
+        srv.reader.join(5)
+        assert not any(line.startswith("FORGED") for line in srv.lines), srv.lines
+        accepted = [line for line in srv.lines if " job_accepted " in line]
+        assert any('client="me\\nFORGED info job_done"' in line for line in accepted), accepted
+        assert any(" upload_idle_timeout " in line for line in srv.lines)
+    finally:
+        stop.set()
+        _stop(srv)
+
+
+def _try_health(c: grpc.Channel) -> bool:
+    try:
+        return _health_seconds(c) >= 0
+    except (grpc.RpcError, AssertionError):
+        return False
