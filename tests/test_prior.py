@@ -1,0 +1,160 @@
+"""The speaker-adaptive prior (cloak-mini 2): pitch contours, the prior's pieces, strict loading, and that the
+engine's objective reaches the reference through every path (d-vector, reference mel -> prior, RefBlock)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import corpus_clip, tiny_diffvc
+
+from cloak.bundle import BundleError, load_models
+from cloak.features import DIFFVC_RATE, diffvc_mel
+from cloak.models.prior import PriorConfig, SpeakerPrior, harmonic_templates, load_prior, shift_contour
+from cloak.pitch import contour_stats, f0_contour
+
+TINY_PRIOR = PriorConfig(hidden=32, cond_dim=16, layers=2)
+
+
+def test_f0_contour_of_a_tone_and_its_frame_grid():
+    sr = 16000
+    t = np.arange(int(1.5 * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * 150 * t) * (t > 0.5)  # silence, then a 150 Hz tone
+    frames = int(1.5 * DIFFVC_RATE) // 256
+    log_f0, voiced = f0_contour(x.astype(np.float32), sr, frames)
+    assert log_f0.shape == voiced.shape == (frames,)
+    centres = (np.arange(frames) * 256 + 128) / DIFFVC_RATE
+    assert not voiced[centres < 0.45].any() and voiced[(centres > 0.6) & (centres < 1.4)].all()
+    assert np.allclose(np.exp(log_f0[voiced]), 150.0, rtol=0.01)
+    assert np.isfinite(log_f0).all()  # unvoiced frames are interpolated (held at the ends), never NaN
+
+
+def test_f0_contour_separates_male_and_female_speech(corpus):
+    means = {}
+    for spk in ("librispeech_2414", "vctk_p225"):  # M, F
+        x, sr = corpus_clip(spk, 0)
+        frames = int(len(x) * DIFFVC_RATE / sr) // 256
+        means[spk] = math.exp(contour_stats(*f0_contour(x, sr, frames))[0])
+    assert 70 < means["librispeech_2414"] < 170 < means["vctk_p225"] < 300, means
+
+
+def test_shift_contour_takes_the_target_statistics_on_voiced_frames():
+    g = torch.Generator().manual_seed(0)
+    log_f0 = 4.8 + 0.2 * torch.randn(2, 1, 50, generator=g)
+    voiced = (torch.rand(2, 1, 50, generator=g) > 0.3).float()
+    out = shift_contour(log_f0, voiced, torch.tensor([5.3, 4.6]), torch.tensor([0.1, 0.05]))
+    for b, (m, s) in enumerate(((5.3, 0.1), (4.6, 0.05))):
+        v = out[b, 0][voiced[b, 0] > 0]
+        assert abs(float(v.mean()) - m) < 1e-5 and abs(float(v.std(unbiased=False)) - s) < 1e-5
+
+
+def test_harmonic_template_peaks_where_the_harmonics_are():
+    from cloak.features import DIFFVC_MELS, _hz_to_mel_slaney
+
+    tmpl = harmonic_templates(np.array([200.0]))[0]
+    edges = np.linspace(0, _hz_to_mel_slaney(np.array(8000.0)), DIFFVC_MELS + 2)
+    centre_bin = lambda hz: int(np.argmin(np.abs(edges[1:-1] - _hz_to_mel_slaney(np.array(hz)))))  # noqa: E731
+    between = centre_bin(300.0)
+    assert tmpl[centre_bin(200.0)] > tmpl[between] + 1.0 and tmpl[centre_bin(400.0)] > tmpl[between] + 1.0
+
+
+def _tiny_prior(seed: int = 0) -> SpeakerPrior:
+    torch.manual_seed(seed)
+    p = SpeakerPrior(TINY_PRIOR)
+    with torch.no_grad():  # a fresh prior's output layer is zero: give the residual path something to do
+        p.post.weight.normal_(0, 0.05)
+    return p.eval()
+
+
+def test_prior_output_follows_the_reference_and_is_differentiable_in_it(corpus):
+    prior = _tiny_prior()
+    x, sr = corpus_clip("vctk_p225", 0, seconds=2.0)
+    from cloak.features import resample
+
+    w = resample(torch.from_numpy(x), sr, DIFFVC_RATE)[None].requires_grad_(True)
+    ref = diffvc_mel(w)
+    mask = torch.ones(1, 1, ref.shape[-1])
+    c = torch.nn.functional.normalize(torch.randn(1, 256), dim=-1)
+    src = diffvc_mel(resample(torch.from_numpy(corpus_clip("librispeech_2414", 0, 1.0)[0]), 16000, DIFFVC_RATE)[None])
+    smask = torch.ones(1, 1, src.shape[-1])
+    log_f0, voiced = torch.full((1, 1, src.shape[-1]), 4.8), torch.ones(1, 1, src.shape[-1])
+    spk = prior.condition(c, ref, mask)
+    out = prior.convert_mean(src, smask, log_f0, voiced, spk)
+    assert out.shape == src.shape and torch.isfinite(out).all()
+    out.sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0  # the reference waveform reaches the mean
+    # a louder reference gives a louder mean: the reference's envelope statistics are put into it
+    with torch.no_grad():
+        loud = prior.convert_mean(src, smask, log_f0, voiced, prior.condition(c, ref + 1.0, mask))
+    assert float((loud - out.detach()).mean()) == pytest.approx(1.0, abs=0.15)
+
+
+def _save_v2(path, diffvc, prior) -> None:
+    torch.save({"format": "cloak-mini-2", "config": diffvc.config.to_dict(), "state_dict": diffvc.state_dict(),
+                "prior_config": prior.config.to_dict(), "prior_state_dict": prior.state_dict(), "meta": {}}, path)
+
+
+def test_checkpoint_with_prior_loads_strict_and_without_prior_gives_none(tmp_path, corpus):
+    dv, prior = tiny_diffvc(), _tiny_prior()
+    (tmp_path / "v2").mkdir()
+    _save_v2(tmp_path / "v2" / "diffvc.pt", dv, prior)
+    got = load_prior(str(tmp_path / "v2" / "diffvc.pt"))
+    assert got is not None and all(torch.equal(a, b) for a, b in zip(got.state_dict().values(),
+                                                                      prior.state_dict().values(), strict=True))
+    models = load_models(tmp_path / "v2")
+    assert models.prior is not None
+    (tmp_path / "v1").mkdir()
+    torch.save({"config": dv.config.to_dict(), "state_dict": dv.state_dict(), "meta": {}}, tmp_path / "v1" / "diffvc.pt")
+    assert load_prior(str(tmp_path / "v1" / "diffvc.pt")) is None
+    state = prior.state_dict()
+    state.pop("post.bias")
+    (tmp_path / "bad").mkdir()
+    torch.save({"config": dv.config.to_dict(), "state_dict": dv.state_dict(), "prior_config": prior.config.to_dict(),
+                "prior_state_dict": state, "meta": {}}, tmp_path / "bad" / "diffvc.pt")
+    with pytest.raises(BundleError, match="post.bias"):
+        load_models(tmp_path / "bad")
+
+
+def test_official_state_dict_has_no_prior(tmp_path):
+    torch.save(tiny_diffvc().state_dict(), tmp_path / "raw.pt")
+    assert load_prior(str(tmp_path / "raw.pt")) is None
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_models()
+
+
+def test_every_loss_term_reaches_the_reference_through_the_shipped_model(embedded, corpus):
+    """With the embedded cloak-mini 2, each term has a gradient with respect to the reference samples, and the
+    prior's path is part of it: the attention-context and semantic terms are not zero at a random start."""
+    from cloak.config import ProtectConfig
+    from cloak.features import resample
+    from cloak.protect import WindowAttack, objective
+
+    assert embedded.prior is not None
+    x, sr = corpus_clip("vctk_p226", 0, seconds=2.0)
+    x22 = resample(torch.from_numpy(x), sr, DIFFVC_RATE)
+    cfg = ProtectConfig(repeats=2, t_adv=2, seed=0, source_frames=64)
+    attack = WindowAttack(embedded, cfg, x22, sr, torch.Generator().manual_seed(0))
+    idx = attack.next_indices(0)
+    g = torch.Generator().manual_seed(1)
+    start = ((torch.rand(attack.x.shape[-1], generator=g) * 2 - 1) * cfg.epsilon)[None]
+    for name in ("id", "ctx", "score", "sem"):
+        delta = start.clone().requires_grad_(True)
+        loss = objective([attack], delta, [idx])[0][name]
+        grad, = torch.autograd.grad(loss, delta)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    # the prior path itself: the shipped prior's mean moves with the reference waveform, inside the graph
+    from cloak.clone import prior_mean, reference_embedding
+
+    ref = attack.x.clone().requires_grad_(True)
+    ref_mel = diffvc_mel(ref)
+    crop = attack.sources[0]
+    src = crop.mel[None]
+    mean = prior_mean(embedded, src, torch.ones(1, 1, src.shape[-1]), (crop.log_f0[None], crop.voiced[None]),
+                      ref_mel, torch.ones(1, 1, ref_mel.shape[-1]), reference_embedding(embedded, ref))
+    grad, = torch.autograd.grad(mean.pow(2).sum(), ref)
+    assert grad.abs().sum() > 0
