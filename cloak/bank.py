@@ -13,6 +13,7 @@ import torch
 from .corpus import list_speakers
 from .features import DIFFVC_RATE, GE2E_RATE, diffvc_mel, resample
 from .models.speaker import SpeakerEncoder
+from .pitch import f0_contour
 
 BANK_DIR = Path(__file__).parent / "data" / "voicebank"
 
@@ -24,6 +25,16 @@ class BankSpeaker:
     waves_22k: list[torch.Tensor]
     waves_16k: list[torch.Tensor]
     mels: list[torch.Tensor] = field(default_factory=list)
+    pitch: tuple[torch.Tensor, torch.Tensor] | None = None  # (log-F0, voiced) of the concatenated mels, (T,) each
+
+
+@dataclass
+class SourceCrop:
+    """A surrogate attacker source: log-mel (80, S) and its log-F0 contour and voicing (1, S) each."""
+
+    mel: torch.Tensor
+    log_f0: torch.Tensor | None = None
+    voiced: torch.Tensor | None = None
 
 
 class VoiceBank:
@@ -69,13 +80,26 @@ class VoiceBank:
         males = sum(bank.sexes[i] == "M" for i in top)
         return "M" if males * 2 > len(top) else "F"
 
-    def source_mel(self, speaker: BankSpeaker, frames: int, gen: torch.Generator) -> torch.Tensor:
-        """A (80, frames) crop of the speaker's concatenated utterances (tiled if they are shorter)."""
+    def source_crop(self, speaker: BankSpeaker, frames: int, gen: torch.Generator, pitch: bool = True) -> SourceCrop:
+        """A `frames`-long crop of the speaker's concatenated utterances (tiled if they are shorter), with its
+        F0 contour when `pitch` (measured on first use of the speaker). One draw from `gen` either way."""
         mel = torch.cat(speaker.mels, 1)
+        if not pitch:
+            while mel.shape[1] < frames:
+                mel = torch.cat([mel, mel], 1)
+            start = int(torch.randint(0, mel.shape[1] - frames + 1, (1,), generator=gen))
+            return SourceCrop(mel[:, start:start + frames])
+        if speaker.pitch is None:
+            contours = [f0_contour(w.numpy(), DIFFVC_RATE, m.shape[1]) for w, m in zip(speaker.waves_22k,
+                                                                                         speaker.mels, strict=True)]
+            speaker.pitch = (torch.from_numpy(np.concatenate([c[0] for c in contours])),
+                             torch.from_numpy(np.concatenate([c[1] for c in contours])))
+        log_f0, voiced = speaker.pitch
         while mel.shape[1] < frames:
-            mel = torch.cat([mel, mel], 1)
+            mel, log_f0, voiced = torch.cat([mel, mel], 1), torch.cat([log_f0, log_f0]), torch.cat([voiced, voiced])
         start = int(torch.randint(0, mel.shape[1] - frames + 1, (1,), generator=gen))
-        return mel[:, start:start + frames]
+        sl = slice(start, start + frames)
+        return SourceCrop(mel[:, sl], log_f0[None, sl], voiced[None, sl].float())
 
 
 CENTROIDS_FILE = Path(__file__).parent / "data" / "ge2e_centroids.npz"

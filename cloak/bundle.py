@@ -30,6 +30,7 @@ from .bank import VoiceBank
 from .models.diffvc import DiffVC, DiffVCConfig, load_diffvc
 from .models.diffvc_decoder import RefBlock
 from .models.ge2e import GE2E
+from .models.prior import SpeakerPrior, load_prior
 
 EMBEDDED_DIR = Path(__file__).parent / "data"
 EMBEDDED_DIFFVC = EMBEDDED_DIR / "cloak-mini.pt"
@@ -66,6 +67,7 @@ class Models:
     info: list[ModelInfo] = field(default_factory=list)
     precision: str = "fp32"  # "bf16": the U-Net runs under bf16 autocast (the perturbation stays fp32)
     compiled: bool = False
+    prior: SpeakerPrior | None = None  # cloak-mini-2's speaker-adaptive prior; None: the official average voice
 
     _vocoder: torch.nn.Module | None = None
 
@@ -203,6 +205,10 @@ def load_models(bundle: str | Path | None = None, device: str | torch.device = "
     except ValueError as e:
         raise BundleError(f"{e} (sha256 {sha256_file(dv_path)})") from e
     prepare_diffvc(diffvc, device, compile)
+    try:
+        prior = load_prior(str(dv_path), device)
+    except ValueError as e:
+        raise BundleError(str(e)) from e
     ge2e_path = root / "ge2e.pt" if root is not None and (root / "ge2e.pt").is_file() else None
     ge2e = GE2E.load(ge2e_path, device)
     info = [ModelInfo("diffvc" if root else "diffvc:cloak-mini", str(dv_path), sha256_file(dv_path), str(device),
@@ -225,4 +231,4 @@ def load_models(bundle: str | Path | None = None, device: str | torch.device = "
         info.append(ModelInfo("ecapa", str(root / "ecapa"), ecapa.checksum, str(device), "float32"))
     vocoder = root / "vocoder" if root is not None and (root / "vocoder").is_dir() else None
     return Models(diffvc=diffvc, ge2e=ge2e, bank=VoiceBank(), device=device, wavlm=wavlm, ecapa=ecapa,
-                  vocoder_dir=vocoder, info=info, precision=precision, compiled=compile)
+                  vocoder_dir=vocoder, info=info, precision=precision, compiled=compile, prior=prior)

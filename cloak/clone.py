@@ -20,6 +20,7 @@ from .audio import read_audio, to_mono, validate_samples, write_audio
 from .bundle import Models
 from .features import DIFFVC_RATE, GE2E_RATE, diffvc_mel, resample
 from .models.ge2e import volume_gain
+from .pitch import f0_contour
 from .protect import Cancelled, CancelToken
 
 MODES = ("ml", "em", "pf")
@@ -76,21 +77,46 @@ def clone(source: np.ndarray, source_rate: int, reference: np.ndarray, reference
                    source_rate, DIFFVC_RATE)
     ref = resample(torch.from_numpy(to_mono(validate_samples(reference, reference_rate, name="reference"))),
                    reference_rate, DIFFVC_RATE)
-    return convert_mel(models, diffvc_mel(src[None].to(dev)), ref[None].to(dev), steps, mode, seed, postfilter)
+    src_mel = diffvc_mel(src[None].to(dev))
+    pitch = None
+    if models.prior is not None:  # the source's intonation, moved to the reference's pitch by the prior
+        log_f0, voiced = f0_contour(src.numpy(), DIFFVC_RATE, src_mel.shape[-1])
+        pitch = (torch.from_numpy(log_f0)[None, None].to(dev), torch.from_numpy(voiced)[None, None].float().to(dev))
+    return convert_mel(models, src_mel, ref[None].to(dev), steps, mode, seed, postfilter, pitch)
+
+
+def prior_mean(models: Models, src_mel: torch.Tensor, src_mask: torch.Tensor, pitch: tuple[torch.Tensor, ...],
+               ref_mel: torch.Tensor, ref_mask: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The speaker-adaptive prior's mean for a conversion (models with a prior only): the source's average voice
+    moved into the reference's voice, its F0 contour moved to the reference's predicted pitch statistics."""
+    if models.prior is None:
+        raise ValueError("this DiffVC has no speaker-adaptive prior")
+    spk = models.prior.condition(c, ref_mel, ref_mask)
+    return models.prior.convert_mean(models.diffvc.average_voice(src_mel, src_mask), src_mask, pitch[0], pitch[1],
+                                     spk)
 
 
 @torch.no_grad()
 def convert_mel(models: Models, src_mel: torch.Tensor, ref22: torch.Tensor, steps: int = 30, mode: str = "ml",
-                seed: int | None = 0, postfilter: bool = True) -> CloneResult:
+                seed: int | None = 0, postfilter: bool = True,
+                src_pitch: tuple[torch.Tensor, torch.Tensor] | None = None) -> CloneResult:
     """The conversion itself, from a source log-mel (1, 80, T) and a reference waveform (1, N) at 22.05 kHz, both
-    on the models' device (the engine's early stop calls this with its surrogate source)."""
+    on the models' device (the engine's early stop calls this with its surrogate source). `src_pitch`: the
+    source's (log-F0, voiced) contours (1, 1, T) each, needed by models with a speaker-adaptive prior."""
     dev = models.device
     ref_mel = diffvc_mel(ref22)
     c = reference_embedding(models, ref22)
     gen = torch.Generator(device=dev)
     gen.manual_seed(0 if seed is None else seed)
+    mean = None
+    if models.prior is not None:
+        if src_pitch is None:
+            raise ValueError("this DiffVC has a speaker-adaptive prior: pass the source's F0 contour (src_pitch)")
+        mean = prior_mean(models, src_mel, torch.ones_like(src_mel[:, :1]), src_pitch, ref_mel,
+                          torch.ones_like(ref_mel[:, :1]), c)
     mel = models.diffvc.convert(src_mel, torch.tensor([src_mel.shape[-1]], device=dev), ref_mel,
-                                torch.tensor([ref_mel.shape[-1]], device=dev), c, steps, mode, generator=gen)
+                                torch.tensor([ref_mel.shape[-1]], device=dev), c, steps, mode, generator=gen,
+                                mean=mean)
     # a log-mel of real audio lies in [ln 1e-5, ~5]; clamping only matters for a diverged (untrained) model,
     # whose overflowing values would otherwise turn into inf/NaN in the post-filter and the vocoder
     mel_np = np.clip(np.nan_to_num(mel[0].float().cpu().numpy(), nan=LOG_FLOOR_NAT), LOG_FLOOR_NAT, 10.0)

@@ -28,6 +28,7 @@ from .clone import convert_mel, reference_embedding
 from .features import DIFFVC_RATE
 
 if TYPE_CHECKING:
+    from .bank import SourceCrop
     from .bundle import Models
     from .config import ProtectConfig
 
@@ -70,9 +71,12 @@ def unavailable_reason(vocoder_dir: Path | None = None) -> str | None:
 class AttackerCheck:
     """The attacker-side test of one window (see the module docstring)."""
 
-    def __init__(self, models: Models, cfg: ProtectConfig, x22: torch.Tensor, source_mel: torch.Tensor) -> None:
+    def __init__(self, models: Models, cfg: ProtectConfig, x22: torch.Tensor, source: SourceCrop) -> None:
         self.m, self.cfg = models, cfg
-        self.source = source_mel[None] if source_mel.dim() == 2 else source_mel  # (1, 80, S)
+        dev = models.device
+        self.source = source.mel[None].to(dev)  # (1, 80, S)
+        self.pitch = None if source.log_f0 is None or source.voiced is None else \
+            (source.log_f0[None].to(dev), source.voiced[None].to(dev))
         self.quality = _quality_model(models.device)
         self.ref_emb = reference_embedding(models, x22)
         self.clean_identity, _ = self._measure(x22)
@@ -80,7 +84,7 @@ class AttackerCheck:
     @torch.no_grad()
     def _measure(self, ref22: torch.Tensor) -> tuple[float, np.ndarray]:
         """The attacker's clone (clone.convert_mel, as `cloak clone` makes it) and its GE2E cosine to the speaker."""
-        wave = convert_mel(self.m, self.source, ref22, ATTACKER_STEPS).audio
+        wave = convert_mel(self.m, self.source, ref22, ATTACKER_STEPS, src_pitch=self.pitch).audio
         emb = reference_embedding(self.m, torch.from_numpy(wave)[None].to(self.m.device))
         return float(F.cosine_similarity(emb, self.ref_emb, dim=-1)[0]), wave
 

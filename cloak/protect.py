@@ -31,6 +31,7 @@ from .features import DIFFVC_HOP, DIFFVC_RATE, GE2E_RATE, diffvc_mel, resample
 from .losses import context_log_probs, context_loss, identity_loss, score_loss, semantic_loss, summed_context
 from .models.diffvc_decoder import ScoreInternals
 from .models.ge2e import volume_gain
+from .pitch import DEFAULT_LOG_F0
 
 # Changes whenever the same settings would give a different perturbation (caches of protected audio key on it).
 ENGINE_VERSION = "2: L_score as the score's RMS"
@@ -83,7 +84,11 @@ ProgressFn = Callable[[Progress], None]
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class _Pool:
-    """Per-job fixed draws (t, x_t, surrogate source) and what the clean and noise references give there."""
+    """Per-job fixed draws (t, x_t, surrogate source) and what the clean and noise references give there.
+
+    With a speaker-adaptive prior the prior mean, hence x_t, depends on the reference: then `mean` holds the
+    source's average voice, and `src`, `noise` (the scaled noise of x_t) and the source contour (`log_f0`,
+    `voiced`) let every U-Net pass rebuild mean and x_t from the (adversarial) reference inside the graph."""
 
     t: torch.Tensor  # (P,)
     x_t: torch.Tensor  # (P, 80, S)
@@ -92,22 +97,31 @@ class _Pool:
     logp_ref: torch.Tensor | None = None  # (P, 4, 32, 32)
     feat_clean: dict[str, torch.Tensor] = field(default_factory=dict)
     feat_noise: dict[str, torch.Tensor] = field(default_factory=dict)
+    src: torch.Tensor | None = None  # (P, 80, S)
+    noise: torch.Tensor | None = None  # (P, 80, S)
+    log_f0: torch.Tensor | None = None  # (P, 1, S)
+    voiced: torch.Tensor | None = None  # (P, 1, S)
+
+    _PRIOR_FIELDS = ("src", "noise", "log_f0", "voiced")
 
     def take(self, idx: torch.Tensor) -> _Pool:
+        extra = {k: None if getattr(self, k) is None else getattr(self, k)[idx] for k in self._PRIOR_FIELDS}
         return _Pool(self.t[idx], self.x_t[idx], self.mean[idx], self.mask[idx],
                      None if self.logp_ref is None else self.logp_ref[idx],
                      {k: v[idx] for k, v in self.feat_clean.items()},
-                     {k: v[idx] for k, v in self.feat_noise.items()})
+                     {k: v[idx] for k, v in self.feat_noise.items()}, **extra)
 
     @staticmethod
     def cat(pools: list[_Pool]) -> _Pool:
         if len(pools) == 1:
             return pools[0]
+        extra = {k: None if getattr(pools[0], k) is None else torch.cat([getattr(p, k) for p in pools])
+                 for k in _Pool._PRIOR_FIELDS}
         return _Pool(torch.cat([p.t for p in pools]), torch.cat([p.x_t for p in pools]),
                      torch.cat([p.mean for p in pools]), torch.cat([p.mask for p in pools]),
                      torch.cat([p.logp_ref for p in pools]) if pools[0].logp_ref is not None else None,
                      {k: torch.cat([p.feat_clean[k] for p in pools]) for k in pools[0].feat_clean},
-                     {k: torch.cat([p.feat_noise[k] for p in pools]) for k in pools[0].feat_noise})
+                     {k: torch.cat([p.feat_noise[k] for p in pools]) for k in pools[0].feat_noise}, **extra)
 
 
 def pool_size_for(cfg: ProtectConfig) -> int:
@@ -171,20 +185,26 @@ class WindowAttack:
         grid = [1.0 - i / cfg.inference_steps for i in range(cfg.t_adv)]
         pool_size = pool_size_for(cfg)
         sources = self.m.bank.of_sex(self.sex)
-        mels = []
+        crops = []
         for _ in range(pool_size):
             spk = sources[int(torch.randint(len(sources), (1,), generator=gen))]
-            mels.append(self.m.bank.source_mel(spk, cfg.source_frames, gen))
-        src = torch.stack(mels).to(self.dev)
+            crops.append(self.m.bank.source_crop(spk, cfg.source_frames, gen, pitch=self.m.prior is not None))
+        src = torch.stack([c.mel for c in crops]).to(self.dev)
         mask = torch.ones(pool_size, 1, cfg.source_frames, device=self.dev)
         self.t_index = torch.arange(pool_size, device=self.dev) % cfg.t_adv
         t = torch.tensor(grid, device=self.dev)[self.t_index]
         z = torch.randn(src.shape, generator=gen).to(self.dev)
         mean = torch.cat([dv.average_voice(s, m) for s, m in zip(src.split(cfg.repeats), mask.split(cfg.repeats),
                                                                  strict=True)])
-        x_t = dv.decoder.compute_diffused_mean(src, mask, mean, t) + z * torch.sqrt(dv.decoder.variance(t))
+        noise = z * torch.sqrt(dv.decoder.variance(t))
+        x_t = dv.decoder.compute_diffused_mean(src, mask, mean, t) + noise
         self.pool = _Pool(t, x_t * mask, mean, mask)
+        if self.m.prior is not None:
+            self.pool.src, self.pool.noise = src, noise
+            self.pool.log_f0 = torch.stack([c.log_f0 for c in crops]).to(self.dev)
+            self.pool.voiced = torch.stack([c.voiced for c in crops]).to(self.dev)
         self.src, self.z = src, z
+        self.sources = crops
 
     def _noise_features(self, gen: torch.Generator) -> None:
         """Up-path features with white noise (same length and RMS as the window) as both source and reference.
@@ -199,8 +219,13 @@ class WindowAttack:
             nmel = nmel.repeat(1, 1, math.ceil(cfg.source_frames / nmel.shape[-1]))[..., : cfg.source_frames]
         tg, zg, mg = pool.t[: cfg.t_adv], self.z[: cfg.t_adv], pool.mask[: cfg.t_adv]
         nmean = dv.average_voice(nmel, mg[:1])
-        nx_t = dv.decoder.compute_diffused_mean(nmel, mg, nmean, tg) + zg * torch.sqrt(dv.decoder.variance(tg))
+        nnoise = zg * torch.sqrt(dv.decoder.variance(tg))
+        nx_t = dv.decoder.compute_diffused_mean(nmel, mg, nmean, tg) + nnoise
         self.noise_pool = _Pool(tg, nx_t * mg, nmean.expand(cfg.t_adv, -1, -1), mg)
+        if self.m.prior is not None:  # noise has no pitch: unvoiced throughout
+            self.noise_pool.src, self.noise_pool.noise = nmel.expand(cfg.t_adv, -1, -1), nnoise
+            self.noise_pool.voiced = torch.zeros_like(mg)
+            self.noise_pool.log_f0 = torch.full_like(mg, DEFAULT_LOG_F0)
         _, feats = self._internals(self.noise_ref, self.noise_pool)
         pool.feat_noise = {k: v[self.t_index] for k, v in feats.items()}
 
@@ -285,14 +310,20 @@ def objective(attacks: list[WindowAttack], deltas: torch.Tensor,
 
 
 def _score(m: Models, ref: tuple[torch.Tensor, ...], pool: _Pool) -> tuple[torch.Tensor, ScoreInternals]:
-    """U-Net pass for pool draws with per-row references (mel, mean_ref, c), each of batch = len(pool)."""
+    """U-Net pass for pool draws with per-row references (mel, mean_ref, c), each of batch = len(pool).
+    With a speaker-adaptive prior the reference also sets the prior mean and with it x_t (inside the graph)."""
     mel, mean_ref, c = ref
     b = pool.t.shape[0]
     mask = torch.ones(b, 1, mel.shape[-1], device=mel.device)
     xt_ref = m.diffvc.diffused_reference(mel, mask, mean_ref, pool.t).unsqueeze(1)
+    mean, x_t = pool.mean, pool.x_t
+    if m.prior is not None:
+        spk = m.prior.condition(c, mel, mask)
+        mean = m.prior.convert_mean(pool.mean, pool.mask, pool.log_f0, pool.voiced, spk)
+        x_t = (m.diffvc.decoder.compute_diffused_mean(pool.src, pool.mask, mean, pool.t) + pool.noise) * pool.mask
     amp = m.amp_dtype
     with torch.autocast(mel.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-        score, internals = m.diffvc.score(pool.x_t, pool.mask, pool.mean, xt_ref, mask, c, pool.t,
+        score, internals = m.diffvc.score(x_t, pool.mask, mean, xt_ref, mask, c, pool.t,
                                           return_internals=True)
     return score.float(), internals
 
@@ -435,7 +466,7 @@ class ProtectionJob:
 
         attack = self.prepare()
         if self.check is None:
-            self.check = AttackerCheck(self.models, cfg, attack.x, attack.src[0])
+            self.check = AttackerCheck(self.models, cfg, attack.x, attack.sources[0])
         with torch.no_grad():
             result = self.check(attack.adversarial(self.delta[None]))
         self.checks.append({"iteration": self.iteration, **result})

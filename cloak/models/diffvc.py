@@ -102,16 +102,18 @@ class DiffVC(nn.Module):
     @torch.no_grad()
     def convert(self, src_mel: torch.Tensor, src_lengths: torch.Tensor, ref_mel: torch.Tensor,
                 ref_lengths: torch.Tensor, c: torch.Tensor, n_timesteps: int, mode: str = "ml",
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, mean: torch.Tensor | None = None) -> torch.Tensor:
         """Official `DiffVC.forward`, returning the converted mel (B, 80, T_src). Noise is drawn from
-        `generator` (global RNG when None) in the official order: start noise, then one draw per step."""
+        `generator` (global RNG when None) in the official order: start noise, then one draw per step.
+        `mean`: a prior mean (B, 80, T_src) to use instead of the encoder's average voice of the source (a
+        speaker-adaptive prior's output); None is the official behaviour."""
         if mode not in ("pf", "em", "ml"):
             raise ValueError(f"mode must be one of pf, em, ml; got {mode!r}")
         if n_timesteps < 1:
             raise ValueError(f"n_timesteps must be >= 1, got {n_timesteps}")
         x_mask = sequence_mask(src_lengths, src_mel.shape[-1]).unsqueeze(1).to(src_mel.dtype)
         ref_mask = sequence_mask(ref_lengths, ref_mel.shape[-1]).unsqueeze(1).to(ref_mel.dtype)
-        mean = self.average_voice(src_mel, x_mask)
+        mean = self.average_voice(src_mel, x_mask) if mean is None else mean * x_mask
         mean_x = self.decoder.compute_diffused_mean(src_mel, x_mask, mean, 1.0)
         mean_ref = self.average_voice(ref_mel, ref_mask)
         b = src_mel.shape[0]
