@@ -27,7 +27,11 @@ __all__ = [
     "MIN_SAMPLE_RATE",
     "Audio",
     "AudioError",
+    "fit_to_budget",
+    "output_subtype",
+    "passthrough_reason",
     "read_audio",
+    "read_exact",
     "to_mono",
     "validate_samples",
     "write_audio",
@@ -294,9 +298,9 @@ def _resolve_format(path: Path, subtype: str | None, fmt: str | None) -> tuple[s
 
 
 def _encode(samples: np.ndarray, subtype: str, name: str) -> np.ndarray:
-    """What to hand soundfile for ``subtype``: float32 as is, or integers quantized by us."""
+    """What to hand soundfile for ``subtype``: floats as they are, or integers quantized by us."""
     if subtype in _FLOAT_SUBTYPES:
-        return samples
+        return samples.astype(np.float64 if subtype == "DOUBLE" else np.float32, copy=False)
     peak = float(np.max(np.abs(samples))) if samples.size else 0.0
     if peak > 1.0:
         raise AudioError(
@@ -305,11 +309,26 @@ def _encode(samples: np.ndarray, subtype: str, name: str) -> np.ndarray:
         )
     bits = _PCM_BITS.get(subtype)
     if bits is None:  # codecs (Vorbis, MP3, u-law, ADPCM, ...): libsndfile encodes from float
-        return samples
+        return samples.astype(np.float32, copy=False)
     container, width = (np.int16, 16) if bits <= 16 else (np.int32, 32)
     full = float(2 ** (bits - 1))
     q = np.clip(np.rint(samples.astype(np.float64) * full), -full, full - 1)
     return (q.astype(np.int64) << (width - bits)).astype(container)
+
+
+# libsndfile's SFC_SET_ADD_PEAK_CHUNK: the PEAK chunk of float WAV/AIFF files carries the time of writing, so two
+# writes of the same samples would differ in their bytes; without it they are byte-identical.
+_SFC_SET_ADD_PEAK_CHUNK = 0x1050
+
+
+def _sf_write(path: Path, payload: np.ndarray, sample_rate: int, subtype: str, fmt: str) -> None:
+    channels = 1 if payload.ndim == 1 else int(payload.shape[1])
+    with sf.SoundFile(str(path), "w", int(sample_rate), channels, subtype=subtype, format=fmt) as f:
+        if subtype in _FLOAT_SUBTYPES:
+            snd, ffi = getattr(sf, "_snd", None), getattr(sf, "_ffi", None)
+            if snd is not None and ffi is not None:  # soundfile has no public call for it
+                snd.sf_command(f._file, _SFC_SET_ADD_PEAK_CHUNK, ffi.NULL, 0)
+        f.write(payload)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -340,7 +359,9 @@ def write_audio(
     The container comes from ``format`` or the extension (.wav, .flac, .aiff/.aif, .ogg, .mp3; anything
     else is WAV). The default subtype is FLOAT (32-bit float) for WAV/AIFF, PCM_24 for FLAC, Vorbis for OGG
     and MPEG layer III for MP3. Nothing is clipped silently: samples beyond [-1, 1] raise for any subtype
-    that is not floating point.
+    that is not floating point. Integer PCM is quantized here (round to nearest; pass samples already on the
+    subtype's grid, e.g. from :func:`fit_to_budget`, to control the rounding); float64 samples are quantized
+    from float64 for DOUBLE and PCM_32. No PEAK chunk is written, so the same samples give the same bytes.
 
     Raises :class:`AudioError` if the target exists and ``overwrite`` is false, if it is the same file as
     ``protect_original``, and for any samples :func:`validate_samples` rejects (no minimum length here).
@@ -358,12 +379,14 @@ def write_audio(
         raise AudioError(f"{name}: directory {parent} does not exist")
     fmt, sub = _resolve_format(target, subtype, format)
     data = validate_samples(samples, sample_rate, name=name, min_seconds=0.0)
+    if np.asarray(samples).dtype == np.float64 and (sub == "DOUBLE" or _PCM_BITS.get(sub, 0) > 24):
+        data = np.asarray(samples)  # float32 cannot hold every DOUBLE / 32-bit value: quantize from float64
     payload = _encode(data, sub, name)
 
     tmp = _create_partial(parent, target.name)
     try:
         try:
-            sf.write(str(tmp), payload, int(sample_rate), subtype=sub, format=fmt)
+            _sf_write(tmp, payload, int(sample_rate), sub, fmt)
         except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
             if isinstance(exc, AudioError):
                 raise
@@ -412,8 +435,15 @@ PCM_BITS = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "PCM_24": 24, "PCM_32": 32}
 
 
 def fit_to_budget(out: np.ndarray, inp: np.ndarray, epsilon: float, subtype: str | None = None) -> np.ndarray:
-    """Make what will be stored respect |stored - input| <= epsilon exactly: for integer PCM, quantize onto the
-    subtype's grid within the budget; for float, undo float32 rounding that stepped past the bound."""
+    """What to store so that |stored - input| <= epsilon holds on the written samples, exactly.
+
+    Integer PCM (``subtype`` PCM_S8/U8/16/24/32): each sample goes onto the subtype's grid, rounded to nearest
+    unless that would break the bound, in which case it is rounded toward the input sample; no dither. Where
+    the grid has no point within the bound (a float input whose budget is under half a step) the nearest point
+    to the input is kept. Returns float32 up to 24 bits (exact there), float64 for PCM_32.
+    DOUBLE: float64 input + the clipped difference. Float (FLOAT or None): float32, with any float32 rounding
+    that stepped past the bound undone. Pass ``inp`` as float64 (:func:`read_exact`) for PCM_32 and DOUBLE
+    files, whose samples float32 cannot hold."""
     bits = PCM_BITS.get(subtype or "")
     x = inp.astype(np.float64)
     if bits is not None:
@@ -421,7 +451,9 @@ def fit_to_budget(out: np.ndarray, inp: np.ndarray, epsilon: float, subtype: str
         q = np.rint(out.astype(np.float64) * full)
         lo, hi = np.ceil((x - epsilon) * full), np.floor((x + epsilon) * full)
         q = np.where(lo <= hi, np.clip(q, lo, hi), np.rint(x * full))
-        return (np.clip(q, -full, full - 1) / full).astype(np.float32)
+        return (np.clip(q, -full, full - 1) / full).astype(np.float64 if bits > 24 else np.float32)
+    if subtype == "DOUBLE":
+        return x + np.clip(out.astype(np.float64) - x, -epsilon, epsilon)
     y = (x + np.clip(out.astype(np.float64) - x, -epsilon, epsilon)).astype(np.float32)
     target = inp.astype(np.float32)
     for _ in range(8):  # float32 rounding of the line above can still overshoot by a few ulps
@@ -430,3 +462,120 @@ def fit_to_budget(out: np.ndarray, inp: np.ndarray, epsilon: float, subtype: str
             break
         y[bad] = np.nextafter(y[bad], target[bad])
     return y
+
+
+def read_exact(path: PathLike) -> np.ndarray:
+    """The samples of an audio file as float64 (every PCM_32 and DOUBLE value exactly; float32 cannot hold
+    them), ``(frames,)`` for mono, ``(frames, channels)`` otherwise. Use :func:`read_audio` to check a file."""
+    try:
+        data, _ = sf.read(str(path), dtype="float64", always_2d=False)
+    except (sf.SoundFileError, RuntimeError, OSError) as exc:
+        raise AudioError(f"{path}: not readable as audio: {exc}") from exc
+    return np.ascontiguousarray(data)
+
+
+# Lossy or companded encodings: what their decoded samples are written as (re-encoding them would both weaken the
+# perturbation and add coding noise far above epsilon). Integer codecs decode to 16 (24) bit values, exactly stored
+# as PCM; perceptual codecs decode to floats.
+_DECODED_AS: dict[str, str] = {
+    "ULAW": "PCM_16", "ALAW": "PCM_16", "IMA_ADPCM": "PCM_16", "MS_ADPCM": "PCM_16", "GSM610": "PCM_16",
+    "VOX_ADPCM": "PCM_16", "G721_32": "PCM_16", "G723_24": "PCM_16", "G723_40": "PCM_16",
+    "NMS_ADPCM_16": "PCM_16", "NMS_ADPCM_24": "PCM_16", "NMS_ADPCM_32": "PCM_16", "DPCM_8": "PCM_16",
+    "DPCM_16": "PCM_16", "DWVW_12": "PCM_16", "DWVW_16": "PCM_16", "DWVW_24": "PCM_24", "DWVW_N": "PCM_24",
+    "VORBIS": "FLOAT", "OPUS": "FLOAT", "MPEG_LAYER_I": "FLOAT", "MPEG_LAYER_II": "FLOAT",
+    "MPEG_LAYER_III": "FLOAT",
+}
+
+
+def output_subtype(fmt: str, in_subtype: str | None, epsilon: float) -> tuple[str, str | None]:
+    """The subtype a protected copy of an ``in_subtype`` recording is written in, inside container ``fmt``
+    (WAV, FLAC, AIFF), and a note when it is not the input's own.
+
+    Float stays float (FLOAT, DOUBLE); integer PCM keeps its bit depth; lossy or companded encodings (u-law,
+    ADPCM, Vorbis, MP3, ...) are written as the PCM or float their decoder produces. A bit depth whose step is
+    larger than ``epsilon`` (8-bit: 1/128) could only store the input unchanged: the next depth that can hold
+    the perturbation is used instead. Float in a container without float (FLAC) becomes PCM_24."""
+    fmt = fmt.upper()
+    sub = (in_subtype or "").upper()
+    note: str | None = None
+    if sub in _FLOAT_SUBTYPES or sub in PCM_BITS:
+        want = sub
+    elif sub in _DECODED_AS:
+        want = _DECODED_AS[sub]
+        note = (f"{sub} is a lossy or companded encoding: the protected copy is written as {want}, because "
+                "re-encoding would weaken the protection")
+    else:
+        want = "FLOAT"
+        note = f"subtype {sub or 'unknown'}: the protected copy is written as FLOAT"
+    if want in _FLOAT_SUBTYPES and not sf.check_format(fmt, want):
+        note = f"{fmt} cannot store {want} samples: the protected copy is written as PCM_24"
+        want = "PCM_24"
+    bits = PCM_BITS.get(want)
+    if bits is not None and 2.0 ** (1 - bits) > epsilon:
+        deeper = [s for s in ("PCM_16", "PCM_24", "PCM_32") if 2.0 ** (1 - PCM_BITS[s]) <= epsilon
+                  and sf.check_format(fmt, s)]
+        better = deeper[0] if deeper else ("FLOAT" if sf.check_format(fmt, "FLOAT") else "PCM_24")
+        note = (f"{want} steps of {2.0 ** (1 - bits):.3g} cannot hold a perturbation of at most {epsilon:g}: "
+                f"the protected copy is written as {better}")
+        want = better
+    if not sf.check_format(fmt, want):  # e.g. PCM_U8 asked of FLAC
+        note = f"{fmt} cannot store {want}: the protected copy is written as PCM_24"
+        want = "PCM_24"
+    return want, note
+
+
+MIN_PROTECT_SECONDS = 0.5
+SILENCE_PEAK_DBFS = -60.0
+
+
+def passthrough_reason(samples: np.ndarray, sample_rate: int) -> str | None:
+    """Why a clip is not worth protecting (None if it is): shorter than 0.5 s (too short to protect, or to
+    clone a voice from), or silent (no sample above -60 dBFS). Such clips are returned unchanged."""
+    seconds = samples.shape[0] / sample_rate
+    if seconds < MIN_PROTECT_SECONDS:
+        return f"the clip is {seconds:.3f} s long, shorter than {MIN_PROTECT_SECONDS} s: too short to protect"
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    if peak <= 10 ** (SILENCE_PEAK_DBFS / 20):
+        level = "digital silence" if peak == 0 else f"peak {20 * math.log10(peak):.1f} dBFS"
+        return f"the clip is silent ({level}, nothing above {SILENCE_PEAK_DBFS:g} dBFS): nothing to protect"
+    return None
+
+
+def output_problem(target: PathLike, create_dirs: bool = False) -> str | None:
+    """Why ``target`` cannot be written (None if it can): its directory is missing (unless ``create_dirs``: then
+    the nearest existing ancestor must be a writable directory), is a file, or is not writable. Checked by
+    creating and removing a hidden temporary file, so permissions, read-only mounts and full quota all show."""
+    path = Path(target)
+    parent = path.parent
+    if parent.exists():
+        if not parent.is_dir():
+            return f"{parent} is a file, not a directory"
+        probe_dir = parent
+    elif not create_dirs:
+        ancestor = next((a for a in parent.parents if a.exists()), None)
+        if ancestor is not None and not ancestor.is_dir():
+            return f"directory {parent} does not exist ({ancestor} is a file)"
+        return f"directory {parent} does not exist"
+    else:
+        ancestor = next((a for a in parent.parents if a.exists()), Path(parent.anchor or "."))
+        if not ancestor.is_dir():
+            return f"cannot create directory {parent}: {ancestor} is a file"
+        probe_dir = ancestor
+    try:
+        fd, probe = _probe(probe_dir, path.name)
+    except OSError as exc:
+        return f"directory {probe_dir} is not writable: {exc.strerror or exc}"
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
+
+
+def _probe(directory: Path, base: str) -> tuple[int, Path]:
+    for _ in range(100):
+        probe = directory / f".{base}.{secrets.token_hex(4)}.probe"
+        try:
+            return os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), probe
+        except FileExistsError:
+            continue
+    raise OSError(f"could not create a probe file in {directory}")

@@ -1,4 +1,5 @@
-"""Tests of cloak.audio: reading, validation and atomic writing, on real corpus speech."""
+"""Tests of cloak.audio: reading, validation and atomic writing, on real speech (the sample shipped with the
+package; one test also reads a corpus WAV from the shared data)."""
 
 from __future__ import annotations
 
@@ -9,26 +10,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import CORPUS, SAMPLE, need_data
 from scipy.signal import resample_poly
 
 from cloak import audio as audio_mod
 from cloak.audio import Audio, AudioError, read_audio, to_mono, validate_samples, write_audio
 
-CORPUS = Path("/work/shared/corpus")
 VCTK_WAV = CORPUS / "vctk_p225" / "p225_003.wav"
-LIBRI_FLAC = CORPUS / "librispeech_1688" / "1688-142285-0000.flac"
+LIBRI_FLAC = SAMPLE  # LibriSpeech 3331-159605-0003, 16 kHz PCM_16 FLAC, ships with the package
 
 
 def _need(path: Path) -> Path:
-    if not path.is_file():
-        pytest.skip(f"corpus file {path} not available")
-    return path
+    return need_data(path, "corpus file")
 
 
 @pytest.fixture(scope="module")
 def speech() -> tuple[np.ndarray, int]:
-    """The first second of a real 16 kHz PCM_16 VCTK clip, read with soundfile directly."""
-    data, rate = sf.read(str(_need(VCTK_WAV)), dtype="float32", frames=16000)
+    """One second of real 16 kHz PCM_16 speech (the shipped LibriSpeech sample), read with soundfile directly."""
+    data, rate = sf.read(str(SAMPLE), dtype="float32", start=16000, frames=16000)
     assert rate == 16000 and data.ndim == 1
     return data, rate
 
@@ -93,7 +92,7 @@ def test_round_trip_16k_int16_wav_is_bit_exact(tmp_path: Path, speech: tuple[np.
     np.testing.assert_array_equal(a.samples, x)  # source is PCM_16: nothing may drift
     # the int16 values written are exactly the corpus file's
     ints, _ = sf.read(str(out), dtype="int16")
-    np.testing.assert_array_equal(ints, sf.read(str(VCTK_WAV), dtype="int16", frames=16000)[0])
+    np.testing.assert_array_equal(ints, sf.read(str(SAMPLE), dtype="int16", start=16000, frames=16000)[0])
     # an int16 array in memory writes the same data
     out2 = write_audio(tmp_path / "s2.wav", ints, rate, subtype="PCM_16")
     np.testing.assert_array_equal(sf.read(str(out2), dtype="int16")[0], ints)
@@ -189,7 +188,7 @@ def test_too_short_clip(tmp_path: Path, speech: tuple[np.ndarray, int]) -> None:
 
 
 def test_too_long_clip() -> None:
-    path = _need(VCTK_WAV)
+    path = SAMPLE
     with pytest.raises(AudioError, match="too long"):
         read_audio(path, max_seconds=0.5)
 
@@ -366,7 +365,7 @@ def test_write_rejects_bad_input(tmp_path: Path) -> None:
 
 
 def _failing_write(seen: list[Path]) -> Callable[..., None]:
-    def fake_write(file: str, data: np.ndarray, samplerate: int, **kwargs: object) -> None:
+    def fake_write(file: str | Path, *args: object, **kwargs: object) -> None:
         p = Path(file)
         seen.append(p)
         assert p.name.startswith(".") and p.name.endswith(".partial") and p.exists()
@@ -386,7 +385,7 @@ def test_atomic_write_failure(
         sf.write(str(target), x, rate, subtype="PCM_16")
     before = target.read_bytes() if existing else None
     seen: list[Path] = []
-    monkeypatch.setattr(sf, "write", _failing_write(seen))
+    monkeypatch.setattr(audio_mod, "_sf_write", _failing_write(seen))
     with pytest.raises(OSError, match="disk full"):
         write_audio(target, x * 0.5, rate, overwrite=True)
     assert len(seen) == 1 and seen[0].parent == tmp_path and not seen[0].exists()
@@ -428,3 +427,132 @@ def test_new_file_permissions_follow_umask(tmp_path: Path, speech: tuple[np.ndar
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+# ------------------------------------------------------------------------- budget, formats, determinism
+
+EPS = 0.002
+
+
+@pytest.mark.parametrize(("subtype", "bits"), [("PCM_16", 16), ("PCM_24", 24), ("PCM_32", 32)])
+def test_fit_to_budget_rounds_toward_the_input_where_nearest_breaks_the_bound(subtype: str, bits: int) -> None:
+    full = 2.0 ** (bits - 1)
+    eps = 65.7 / full  # 65.7 steps: nearest rounding of x + eps gives 66 steps, beyond the budget
+    x = np.array([0.0, 0.25, -0.5, 1000 / full, -(2.0**-3)], dtype=np.float64)  # samples on the grid
+    out = x + np.array([eps, -eps, eps, -eps * 0.5, 3 * eps])  # full budget, half of it, and beyond it
+    y = audio_mod.fit_to_budget(out, x, eps, subtype)
+    assert y.dtype == (np.float64 if bits > 24 else np.float32)
+    q = y.astype(np.float64) * full
+    np.testing.assert_array_equal(q, np.rint(q))  # on the subtype's grid
+    assert np.max(np.abs(y.astype(np.float64) - x)) <= eps
+    assert q[0] == 65 and q[1] == 0.25 * full - 65 and q[2] == -0.5 * full + 65  # toward x, not to 66
+    assert q[3] == np.rint(1000 - 65.7 / 2)  # inside the budget: plain nearest rounding
+    assert q[4] == -(2.0**-3) * full + 65  # beyond the budget: clipped onto its edge
+
+
+def test_fit_to_budget_at_the_default_epsilon_pcm16() -> None:
+    x = np.zeros(3)
+    y = audio_mod.fit_to_budget(np.array([EPS, -EPS, 0.4 * EPS]), x, EPS, "PCM_16") * 32768
+    assert EPS * 32768 == pytest.approx(65.536) and list(y) == [65, -65, 26]
+
+
+def test_fit_to_budget_keeps_the_grid_point_nearest_the_input_when_none_fits() -> None:
+    x = np.array([0.3], dtype=np.float64)  # float input, not on the 8-bit grid; eps below half a step
+    y = audio_mod.fit_to_budget(np.array([0.31]), x, 0.001, "PCM_S8")
+    assert y[0] == np.rint(0.3 * 128) / 128
+
+
+def test_output_subtype_keeps_pcm_and_float_and_upgrades_what_cannot_hold_delta() -> None:
+    keep = [("WAV", "PCM_16"), ("WAV", "PCM_24"), ("WAV", "PCM_32"), ("WAV", "FLOAT"), ("WAV", "DOUBLE"),
+            ("FLAC", "PCM_16"), ("FLAC", "PCM_24"), ("AIFF", "PCM_16"), ("AIFF", "FLOAT")]
+    for fmt, sub in keep:
+        assert audio_mod.output_subtype(fmt, sub, EPS) == (sub, None)
+    for fmt, sub, want in [("WAV", "PCM_U8", "PCM_16"), ("FLAC", "PCM_S8", "PCM_16"), ("WAV", "ULAW", "PCM_16"),
+                           ("WAV", "IMA_ADPCM", "PCM_16"), ("WAV", "VORBIS", "FLOAT"), ("FLAC", "FLOAT", "PCM_24"),
+                           ("WAV", "MPEG_LAYER_III", "FLOAT")]:
+        got, note = audio_mod.output_subtype(fmt, sub, EPS)
+        assert got == want and note, (fmt, sub)
+    # a budget below one 16-bit step: 24-bit keeps the perturbation
+    assert audio_mod.output_subtype("WAV", "PCM_16", 2e-5)[0] == "PCM_24"
+
+
+@pytest.mark.parametrize(("name", "subtype"), [("f.wav", "FLOAT"), ("d.wav", "DOUBLE"), ("f.aiff", "FLOAT")])
+def test_float_files_have_no_peak_chunk_and_same_samples_same_bytes(
+    tmp_path: Path, speech: tuple[np.ndarray, int], name: str, subtype: str
+) -> None:
+    """libsndfile's PEAK chunk stores the time of writing: with it two writes of one clip differ in bytes."""
+    x = _stereo_44k(speech)
+    a = write_audio(tmp_path / name, x, 44100, subtype=subtype).read_bytes()
+    b = write_audio(tmp_path / ("2" + name), x, 44100, subtype=subtype).read_bytes()
+    assert b"PEAK" not in a and a == b
+    np.testing.assert_array_equal(sf.read(str(tmp_path / name), dtype="float32")[0], x)
+
+
+def test_pcm32_and_double_are_written_from_float64_exactly(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    ints = rng.integers(-(2**31), 2**31 - 1, 4000)
+    x = ints / 2.0**31  # float32 cannot hold these
+    assert not np.array_equal(x.astype(np.float32).astype(np.float64), x)
+    write_audio(tmp_path / "p.wav", x, 16000, subtype="PCM_32")
+    np.testing.assert_array_equal(sf.read(str(tmp_path / "p.wav"), dtype="int32")[0], ints)
+    write_audio(tmp_path / "d.wav", x, 16000, subtype="DOUBLE")
+    np.testing.assert_array_equal(audio_mod.read_exact(tmp_path / "d.wav"), x)
+
+
+def test_passthrough_reason_short_and_silent(speech: tuple[np.ndarray, int]) -> None:
+    x, rate = speech
+    assert audio_mod.passthrough_reason(x, rate) is None
+    assert "shorter than 0.5 s" in (audio_mod.passthrough_reason(x[: int(0.49 * rate)], rate) or "")
+    assert "digital silence" in (audio_mod.passthrough_reason(np.zeros(rate, np.float32), rate) or "")
+    hum = (x * (10 ** (-61 / 20) / np.max(np.abs(x)))).astype(np.float32)  # peak -61 dBFS
+    assert "-61.0 dBFS" in (audio_mod.passthrough_reason(hum, rate) or "")
+    assert audio_mod.passthrough_reason(hum * 2, rate) is None  # -55 dBFS: quiet, but not silence
+
+
+def _as_nobody(fn: Callable[[], str | None]) -> str | None:
+    """Run fn as an unprivileged user when we are root (root ignores directory permissions)."""
+    if os.geteuid() != 0:
+        return fn()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(w, (fn() or "").encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        got = fh.read().decode()
+    os.waitpid(pid, 0)
+    return got or None
+
+
+def test_output_problem(tmp_path: Path) -> None:
+    import tempfile
+
+    assert audio_mod.output_problem(tmp_path / "x.wav") is None
+    assert _listing(tmp_path) == []  # the probe file is gone
+    assert "does not exist" in (audio_mod.output_problem(tmp_path / "no" / "x.wav") or "")
+    assert audio_mod.output_problem(tmp_path / "no" / "deeper" / "x.wav", create_dirs=True) is None
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in (audio_mod.output_problem(tmp_path / "file" / "x.wav") or "")
+    assert "is a file" in (audio_mod.output_problem(tmp_path / "file" / "d" / "x.wav", create_dirs=True) or "")
+    base = Path(tempfile.mkdtemp(prefix="cloak-perm-"))  # reachable by an unprivileged user
+    try:
+        os.chmod(base, 0o755)
+        ro = base / "ro"
+        ro.mkdir(mode=0o555)
+        os.chmod(ro, 0o555)
+        rw = base / "rw"
+        rw.mkdir()
+        os.chmod(rw, 0o777)
+        assert "not writable" in (_as_nobody(lambda: audio_mod.output_problem(ro / "x.wav")) or "")
+        assert _as_nobody(lambda: audio_mod.output_problem(rw / "x.wav")) is None
+    finally:
+        os.chmod(base / "ro", 0o755)
+        import shutil
+
+        shutil.rmtree(base)
