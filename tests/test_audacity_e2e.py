@@ -25,7 +25,7 @@ import soundfile as sf
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the Audacity e2e harness is Linux-only")
 
 from audacity_harness import AudacityHarness, Unavailable  # noqa: E402
-from conftest import CORPUS, make_bundle, to_rate  # noqa: E402
+from conftest import CORPUS, make_bundle, need_data, to_rate  # noqa: E402
 
 from clients.audacity.cli import register_audacity, run_audacity  # noqa: E402
 from clients.audacity.macro import DONE  # noqa: E402
@@ -73,9 +73,7 @@ def processor(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> tuple[Path, np.ndarray]:
-    files = sorted((CORPUS / "vctk_p225").glob("*.wav"))
-    if not files:
-        pytest.skip(f"corpus clip not found under {CORPUS / 'vctk_p225'}")
+    files = sorted(need_data(CORPUS / "vctk_p225", "corpus speaker vctk_p225").glob("*.wav"))
     x, sr = sf.read(str(files[0]), dtype="float32")
     y = to_rate(x, sr, RATE)
     stereo = np.stack([y, 0.8 * y], axis=1).astype(np.float32)

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, tiny_diffvc
+from conftest import REFERENCE, TINY, need_data, tiny_diffvc
 from torch.nn import functional as F
 
 from cloak.models import DiffVC, load_diffvc
 from cloak.models.diffvc_decoder import ATTN_KEYS
 from cloak.models.diffvc_encoder import MultiHeadAttention
 
-TSV = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "diffvc_state_dict.tsv"
+TSV = REFERENCE / "diffvc_state_dict.tsv"
 
 
 def reference_layout() -> dict[str, tuple[int, ...]]:
-    if not TSV.is_file():
-        pytest.skip(f"reference layout not found: {TSV}")
+    need_data(TSV, "the official DiffVC state-dict layout")
     rows = [r.split("\t") for r in TSV.read_text().splitlines() if r and not r.startswith("#")]
     return {k: tuple(int(x) for x in s.split(",")) if s else () for k, s in rows}
 

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CORPUS, REFERENCE, need_data
 
 from cloak.models.hifigan import HiFiGAN, HiFiGANConfig, vocoder_path
 
-REFERENCE_TSV = Path("/work/shared/reference/hifigan_v1_state_dict.tsv")
-CLIP = Path("/work/shared/corpus/vctk_p226/p226_003.wav")  # VCTK speaker p226 (M), 16 kHz
+REFERENCE_TSV = REFERENCE / "hifigan_v1_state_dict.tsv"
+CLIP = CORPUS / "vctk_p226" / "p226_003.wav"  # VCTK speaker p226 (M), 16 kHz
 # Mean |log-mel(vocoded) - log-mel(input)| measured with the universal checkpoint on 2 s of VCTK /
 # LibriSpeech speech: 0.24-0.32 (this clip: 0.243).  A random-weight generator scores 3.0-5.2.
 MEL_L1_BOUND = 0.4
@@ -43,7 +44,7 @@ def vocoder() -> HiFiGAN:
 
 def _reference_shapes() -> list[tuple[str, tuple[int, ...]]]:
     rows = []
-    for line in REFERENCE_TSV.read_text().splitlines():
+    for line in need_data(REFERENCE_TSV, "the official HiFi-GAN V1 state-dict layout").read_text().splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         key, shape = line.split("\t")
@@ -79,8 +80,7 @@ def _speech_22k(seconds: float = 2.0) -> torch.Tensor:
     import soundfile as sf
     from scipy.signal import resample_poly
 
-    if not CLIP.is_file():
-        pytest.skip(f"speech corpus clip missing: {CLIP}")
+    need_data(CLIP, "a VCTK corpus clip")
     x, sr = sf.read(CLIP, dtype="float32", always_2d=False)
     assert sr == 16000 and x.ndim == 1
     y = resample_poly(x, 441, 320).astype(np.float32)

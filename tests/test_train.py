@@ -6,7 +6,7 @@ import shutil
 from dataclasses import replace
 
 import torch
-from conftest import CORPUS
+from conftest import CORPUS, need_data
 
 from cloak.train import mini
 from cloak.train.mini import TrainSettings
@@ -21,7 +21,7 @@ def _corpus(root):
     for spk, n in (("vctk_p226", 2), ("vctk_p228", 2), ("vctk_p225", 1)):  # p225 is a validation speaker
         d = root / spk
         d.mkdir(parents=True)
-        for f in sorted((CORPUS / spk).iterdir())[:n]:
+        for f in sorted(need_data(CORPUS / spk, f"corpus speaker {spk}").iterdir())[:n]:
             (d / f.name).symlink_to(f)
     shutil.copy(CORPUS / "SOURCES.md", root / "SOURCES.md")
     return root
