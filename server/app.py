@@ -21,7 +21,7 @@ from cloak.bundle import Models
 
 from . import logs, pcm
 from .auth import TokenInterceptor
-from .config import MAX_CHUNK_BYTES, ServerConfig, ServerConfigError, is_loopback, load_token
+from .config import MAX_CHUNK_BYTES, ServerConfig, ServerConfigError, is_loopback, load_token, load_tokens
 from .gen import cloak_service_pb2 as pb
 from .gen import cloak_service_pb2_grpc as pb_grpc
 from .metrics import Metrics
@@ -70,6 +70,10 @@ class CloakServer:
         config.check()
         self.config = config
         self.token = load_token(config.token_file) if config.token_file else None
+        # --tokens-file: {token: name}, each name an identity (owner of its jobs, its own fair share)
+        self.tokens = load_tokens(config.tokens_file) if config.tokens_file else None
+        credentials = self.tokens or self.token
+        self.auth = TokenInterceptor(credentials, self._count_reject) if credentials else None
         self.metrics = Metrics(config.device)
         self.scheduler = Scheduler(config, self.metrics, models)
         self.loader = loader
@@ -92,7 +96,8 @@ class CloakServer:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.scheduler.on_state = self._on_state
         self.servicer = CloakServicer(self.scheduler, self.limits, config.device, self.caps,
-                                      config.upload_idle_timeout)
+                                      config.upload_idle_timeout,
+                                      identify=self.auth.identify if self.auth is not None else None)
         self.servicer.bind_pool(self.stream_pool)
         self.server: grpc.Server | None = None
         self.loader_thread: threading.Thread | None = None
@@ -136,7 +141,7 @@ class CloakServer:
     def start(self) -> int:
         """Bind, start serving and (if needed) start loading the models. Returns the bound port."""
         cfg = self.config
-        interceptors = [TokenInterceptor(self.token, self._count_reject)] if self.token else []
+        interceptors = [self.auth] if self.auth is not None else []
         # no maximum_concurrent_rpcs: gRPC would answer health with RESOURCE_EXHAUSTED too once it is reached;
         # the stream caps bound what holds a thread, and refusals take a spare thread for a moment
         server = grpc.server(self.unary_pool, interceptors=interceptors, options=SERVER_OPTIONS)
@@ -175,7 +180,9 @@ class CloakServer:
             self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_addr,
                                                         certfile=cfg.tls_cert if https else None,
                                                         keyfile=cfg.tls_key if https else None)
-        logs.event("listening", listen=cfg.listen, port=port, tls=cfg.tls, auth=bool(self.token),
+        logs.event("listening", listen=cfg.listen, port=port, tls=cfg.tls,
+                   auth="named tokens" if self.tokens else "token" if self.token else False,
+                   identities=sorted(self.tokens.values()) if self.tokens else None,
                    metrics_port=self.metrics_port, max_queue=cfg.max_queue, max_batch=cfg.max_batch,
                    device=cfg.device)
         return port

@@ -12,20 +12,46 @@ EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
-    def __init__(self, token: str, on_reject: Callable[[str, str], None] | None = None) -> None:
-        self._token = token.encode()
+    """`tokens`: one token (anonymous: every holder is the same user) or {token: name} from --tokens-file (each
+    name an identity of its own; `identify` tells the servicer whose call it is)."""
+
+    def __init__(self, tokens: str | dict[str, str], on_reject: Callable[[str, str], None] | None = None) -> None:
+        named = {tokens: ""} if isinstance(tokens, str) else dict(tokens)
+        self._tokens = [(t.encode(), name) for t, name in named.items()]
         self._on_reject = on_reject
 
-    def _ok(self, details: grpc.HandlerCallDetails) -> tuple[bool, str]:
-        values = [v for k, v in (details.invocation_metadata or ()) if k == "authorization"]
+    def _match(self, token: bytes) -> str | None:
+        """The token's name ('' when anonymous), None when it is none of ours. Compares with every token in
+        constant time, so the answer's timing does not tell which (or how much of one) matched."""
+        found: str | None = None
+        for known, name in self._tokens:
+            if hmac.compare_digest(token, known):
+                found = name
+        return found
+
+    def _bearer(self, metadata: Any) -> tuple[bytes | None, str]:
+        values = [v for k, v in (metadata or ()) if k == "authorization"]
         if not values:
-            return False, "missing authorization metadata: send 'authorization: Bearer <token>'"
+            return None, "missing authorization metadata: send 'authorization: Bearer <token>'"
         value = values[0] if isinstance(values[0], str) else bytes(values[0]).decode("utf-8", "replace")
         scheme, _, token = value.strip().partition(" ")
-        if len(values) == 1 and scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                                                   self._token):
-            return True, ""
-        return False, "invalid bearer token"
+        if len(values) != 1 or scheme.lower() != "bearer":
+            return None, "invalid bearer token"
+        return token.strip().encode(), ""
+
+    def _ok(self, details: grpc.HandlerCallDetails) -> tuple[bool, str]:
+        token, why = self._bearer(details.invocation_metadata)
+        if token is None:
+            return False, why
+        if self._match(token) is None:
+            return False, "invalid bearer token"
+        return True, ""
+
+    def identify(self, context: grpc.ServicerContext) -> str | None:
+        """The name of the caller's token (None for an anonymous token or none)."""
+        token, _ = self._bearer(context.invocation_metadata())
+        name = self._match(token) if token is not None else None
+        return name or None
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           details: grpc.HandlerCallDetails) -> Any:

@@ -3,6 +3,8 @@
     cloak_queue_depth              jobs waiting (uploading or queued)
     cloak_active_jobs              jobs being protected
     cloak_jobs_total{outcome}      finished jobs: succeeded, failed, cancelled, rejected_invalid, rejected_busy, ...
+    cloak_identity_jobs_total{identity,outcome}  the same per --tokens-file name
+    cloak_memory_reserved_bytes    memory budget held by uploads and running jobs (of cloak_memory_budget_bytes)
     cloak_job_seconds{outcome}     accept -> end latency
     cloak_queue_wait_seconds       accept -> start
     cloak_pgd_iterations_total     job-iterations done (rate() = iterations/s over all jobs)
@@ -48,7 +50,7 @@ class Metrics:
         if prom is None:
             self.registry = None
             for name in ("queue_depth", "active_jobs", "jobs", "job_seconds", "queue_wait", "iterations", "steps",
-                         "batch_size", "device_memory"):
+                         "batch_size", "device_memory", "identity_jobs", "memory_reserved", "memory_budget"):
                 setattr(self, name, _Null())
             return
         r = self.registry = prom.CollectorRegistry()
@@ -57,6 +59,11 @@ class Metrics:
         self.jobs = prom.Counter("cloak_jobs", "Finished or rejected jobs by outcome", ["outcome"], registry=r)
         for o in OUTCOMES:
             self.jobs.labels(o)
+        self.identity_jobs = prom.Counter("cloak_identity_jobs", "Finished jobs by identity (--tokens-file name) "
+                                          "and outcome", ["identity", "outcome"], registry=r)
+        self.memory_reserved = prom.Gauge("cloak_memory_reserved_bytes", "Memory budget held by uploads and "
+                                          "running jobs", registry=r)
+        self.memory_budget = prom.Gauge("cloak_memory_budget_bytes", "--memory-budget", registry=r)
         buckets = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
         self.job_seconds = prom.Histogram("cloak_job_seconds", "Job latency from accept to end", ["outcome"],
                                           buckets=buckets, registry=r)

@@ -84,12 +84,14 @@ def _window_plan_size(frames: int, sample_rate: int, window_seconds: float, over
 
 class JobRecord:
     def __init__(self, upload: pcm.Upload, samples: np.ndarray, client: str, keep_on_disconnect: bool = False,
-                 peer: str = "") -> None:
+                 peer: str = "", owner: str | None = None, client_name: str = "") -> None:
         self.id = secrets.token_urlsafe(12)
         self.upload = upload
         self.config = upload.config
         self.samples: np.ndarray | None = samples
-        self.client = client
+        self.client = client  # the fair-share identity: owner, else the peer's host
+        self.owner = owner  # the token name (--tokens-file): only it may Attach, Cancel or GetJob this job
+        self.client_name = client_name  # self-declared, for logs only
         self.peer = peer
         self.keep_on_disconnect = keep_on_disconnect
         self.state = pb.JOB_STATE_QUEUED
@@ -240,10 +242,17 @@ class FairQueue:
     def push(self, rec: JobRecord) -> None:
         self._q.setdefault(rec.client, deque()).append(rec)
 
-    def pop(self) -> JobRecord | None:
+    def clients(self) -> list[str]:
+        return list(self._q)
+
+    def pop(self, prefer: Callable[[str], bool] | None = None) -> JobRecord | None:
+        """The next job: from the first client in turn for whom `prefer` holds, else from the first in turn."""
         if not self._q:
             return None
-        client, dq = next(iter(self._q.items()))
+        client = next((c for c in self._q if prefer(c)), None) if prefer is not None else None
+        if client is None:
+            client = next(iter(self._q))
+        dq = self._q[client]
         rec = dq.popleft()
         del self._q[client]
         if dq:
@@ -409,7 +418,8 @@ class Scheduler:
             self._update_positions()
             self.metrics.queue_depth.set(len(self.queue) + self.reserved)
             self.cond.notify_all()
-        logs.event("job_accepted", job_id=rec.id, client=rec.client, peer=rec.peer, frames=rec.upload.frames,
+        logs.event("job_accepted", job_id=rec.id, client=rec.client, client_name=rec.client_name, peer=rec.peer,
+                   frames=rec.upload.frames,
                    sample_rate=rec.upload.sample_rate, channels=rec.upload.channels,
                    encoding=pcm.ENCODINGS[rec.upload.encoding][0], queue_position=rec.queue_position,
                    iterations=rec.config.iterations, seed=rec.config.seed)
@@ -496,7 +506,7 @@ class Scheduler:
                 admitted: list[JobRecord] = []
                 if self.models is not None and not self._stop:
                     while len(self.active) < self.cfg.max_batch:
-                        rec = self.queue.pop()
+                        rec = self.queue.pop(self._under_share())
                         if rec is None:
                             break
                         rec.started_at = time.monotonic()
@@ -519,6 +529,17 @@ class Scheduler:
                 for rec in active:
                     if not rec.finished:
                         self._fail(rec, grpc.StatusCode.INTERNAL, f"scheduler error: {type(e).__name__}: {e}")
+
+    def _under_share(self) -> Callable[[str], bool]:
+        """Fair share of the running slots: ceil(max_batch / identities with running or waiting jobs) each.
+        Identities below their share start first; one above it gets a free slot only when nobody else waits
+        (running jobs are not pre-empted: it yields its extra slots as its jobs end)."""
+        counts: dict[str, int] = {}
+        for r in self.active:
+            counts[r.client] = counts.get(r.client, 0) + 1
+        identities = set(counts) | set(self.queue.clients())
+        share = math.ceil(self.cfg.max_batch / max(1, len(identities)))
+        return lambda client: counts.get(client, 0) < share
 
     def _start(self, rec: JobRecord) -> None:
         assert self.models is not None and rec.samples is not None
@@ -662,6 +683,8 @@ class Scheduler:
         self.jobs[rec.id] = rec
         self.finished[rec.id] = rec
         self.metrics.jobs.labels(outcome).inc()
+        if rec.owner is not None:
+            self.metrics.identity_jobs.labels(rec.owner, outcome).inc()
         self.metrics.job_seconds.labels(outcome).observe(time.monotonic() - rec.accepted_at)
         self.metrics.active_jobs.set(len(self.active))
         self._prune()

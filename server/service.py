@@ -109,24 +109,35 @@ class StreamCaps:
     """Counts open streams: Protect in all, Attach in all, per job and per identity. Every open stream holds a
     thread of the stream pool, so these caps (and a pool sized to them) keep threads free for everything else."""
 
-    def __init__(self, max_protect: int, max_attach: int, per_job: int, per_client: int) -> None:
+    def __init__(self, max_protect: int, max_attach: int, per_job: int, per_client: int,
+                 protect_per_client: int | None = None) -> None:
         self.max_protect, self.max_attach, self.per_job, self.per_client = max_protect, max_attach, per_job, per_client
+        # one identity may hold about half of the Protect streams, so another one can always upload
+        self.protect_per_client = protect_per_client or max(4, max_protect // 2)
         self._lock = threading.Lock()
         self.protect = 0
+        self.protect_by_client: dict[str, int] = {}
         self.attach = 0
         self.by_job: dict[str, int] = {}
         self.by_client: dict[str, int] = {}
 
-    def enter_protect(self) -> bool:
+    def enter_protect(self, client: str) -> str:
+        """'' when admitted, else why not."""
         with self._lock:
+            if self.protect_by_client.get(client, 0) >= self.protect_per_client:
+                return f"{client} already has {self.protect_per_client} open Protect streams"
             if self.protect >= self.max_protect:
-                return False
+                return f"the server has {self.max_protect} open Protect streams"
             self.protect += 1
-            return True
+            self.protect_by_client[client] = self.protect_by_client.get(client, 0) + 1
+            return ""
 
-    def leave_protect(self) -> None:
+    def leave_protect(self, client: str) -> None:
         with self._lock:
             self.protect -= 1
+            self.protect_by_client[client] -= 1
+            if not self.protect_by_client[client]:
+                del self.protect_by_client[client]
 
     def enter_attach(self, job_id: str, client: str) -> str:
         """'' when admitted, else why not."""
@@ -169,6 +180,7 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
         self.upload_idle_timeout = upload_idle_timeout
         self._identify = identify
         self._cancel_waits = threading.BoundedSemaphore(CANCEL_WAITERS)
+        self._refusals = logs.Throttle()
         self.started = time.monotonic()
 
     def bind_pool(self, pool: ThreadPoolExecutor) -> None:
@@ -183,11 +195,14 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             behavior.experimental_thread_pool = pool  # type: ignore[attr-defined]
             setattr(self, name, behavior)
 
+    def owner(self, context: grpc.ServicerContext) -> str | None:
+        """The caller's name from its credentials (--tokens-file); None for an anonymous caller."""
+        return self._identify(context) if self._identify is not None else None
+
     def identity(self, context: grpc.ServicerContext) -> str:
-        """Who is calling: the token's name (--tokens-file), else the peer's host. Never the self-declared
-        client_name, which anyone can change."""
-        name = self._identify(context) if self._identify is not None else None
-        return name or peer_host(context.peer())
+        """Who is calling, for fair share and stream caps: the token's name (--tokens-file), else the peer's
+        host. Never the self-declared client_name, which anyone can change to dodge fairness."""
+        return self.owner(context) or peer_host(context.peer())
 
     # --- Protect ---------------------------------------------------------------------------------------------
     def _reject(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str, outcome: str,
@@ -200,11 +215,15 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
     def Protect(self, request_iterator: Iterator[pb.ProtectRequest],
                 context: grpc.ServicerContext) -> Iterator[pb.ProtectResponse]:
         peer = context.peer()
-        if not self.caps.enter_protect():
+        who = self.identity(context)
+        why = self.caps.enter_protect(who)
+        if why:
             self.sched.metrics.jobs.labels("rejected_busy").inc()
-            context.abort_with_status(_retry_status(
-                f"too many open Protect streams ({self.caps.max_protect}); retry shortly", 2.0))
-        once = _Once(self.caps.leave_protect)
+            held = self._refusals.allow("protect:" + who)
+            if held is not None:
+                logs.event("upload_refused", level=30, client=who, peer=peer, reason=why, suppressed=held)
+            context.abort_with_status(_retry_status(f"too many uploads at once: {why}; retry shortly", 2.0))
+        once = _Once(lambda: self.caps.leave_protect(who))
         if not context.add_callback(once):
             once()
         reader = _Reader(request_iterator)
@@ -314,7 +333,9 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
         finally:
             if not received:
                 released()  # the idle-timeout abort and anything unexpected free the slot too
-        rec = JobRecord(upload, samples, header.client_name or peer_host(peer), header.keep_on_disconnect, peer)
+        owner = self.owner(context)
+        rec = JobRecord(upload, samples, owner or peer_host(peer), header.keep_on_disconnect, peer, owner=owner,
+                        client_name=header.client_name)
         sub = rec.subscribe()  # before submit: the stream sees every event, however fast the scheduler moves
         try:
             self.sched.submit(rec)
@@ -361,9 +382,11 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
         if not job_id or len(job_id) > MAX_JOB_ID:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"job_id must be 1..{MAX_JOB_ID} characters")
         rec = self.sched.get(job_id)
-        if rec is None:
+        # another identity's job is as good as absent: NOT_FOUND says nothing about whether it exists
+        if rec is None or (rec.owner is not None and rec.owner != self.owner(context)):
             context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"no job {job_id!r} on this server (finished jobs are kept {self.sched.cfg.result_ttl:g} s)")
+                          f"no job {job_id!r} of yours on this server (finished jobs are kept "
+                          f"{self.sched.cfg.result_ttl:g} s; jobs live in memory only, so a restart loses them)")
         return rec
 
     def Attach(self, request: pb.AttachRequest, context: grpc.ServicerContext) -> Iterator[pb.AttachResponse]:
@@ -371,7 +394,10 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
         who = self.identity(context)
         why = self.caps.enter_attach(rec.id, who)
         if why:
-            logs.event("attach_refused", level=30, job_id=rec.id, client=who, peer=context.peer(), reason=why)
+            held = self._refusals.allow("attach:" + who)  # a client can cause these at will: rate-limited
+            if held is not None:
+                logs.event("attach_refused", level=30, job_id=rec.id, client=who, peer=context.peer(), reason=why,
+                           suppressed=held)
             context.abort_with_status(_retry_status(why + "; close another stream or retry later", 5.0))
         once = _Once(lambda: self.caps.leave_attach(rec.id, who))
         if not context.add_callback(once):
