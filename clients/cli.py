@@ -1,6 +1,8 @@
 """`cloak`: the VoiceCloak command line.
 
     cloak protect IN... [-o OUT|DIR] [-r] [--force] [--json] [settings]   cloak recordings
+    cloak protect --sample [-o OUT]                                       cloak the shipped speech sample
+    cloak sample [PATH]                                                   copy the shipped sample out
     cloak models [list|verify]                                            show / check the model bundle
     cloak info                                                            versions, devices, paths
     cloak serve [--listen ADDR] [--models DIR] [--token-file F] ...       the gRPC protection server
@@ -49,7 +51,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple, TextIO, get_args
+from typing import Any, NamedTuple, NoReturn, TextIO, get_args
 
 import numpy as np
 
@@ -64,8 +66,9 @@ from cloak import (
     read_audio,
     write_audio,
 )
-from cloak.audio import fit_to_budget
+from cloak.audio import fit_to_budget, output_problem, output_subtype, passthrough_reason, read_exact
 from cloak.config import Gender
+from cloak.sample import SAMPLE_CREDIT, sample_path
 
 from .remote import ServerUnavailable
 
@@ -99,8 +102,8 @@ _EXT_FORMAT = {".wav": "WAV", ".flac": "FLAC", ".aiff": "AIFF", ".aif": "AIFF", 
 _FORMAT_EXT = {"WAV": ".wav", "FLAC": ".flac", "AIFF": ".aiff"}
 LOSSLESS_FORMATS = frozenset({"WAV", "FLAC", "AIFF"})
 LOSSY_FORMATS = frozenset({"OGG", "MP3", "MPEG"})
-_FLAC_SUBTYPES = frozenset({"PCM_S8", "PCM_16", "PCM_24"})
 CLOAKED_TAG = ".cloaked"
+SAMPLE_OUTPUT = "sample.cloaked.flac"  # where `cloak protect --sample` writes without -o (the current directory)
 
 
 class UsageError(Exception):
@@ -118,6 +121,13 @@ def _debug() -> bool:
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2): `cloak protect: error: argument --iterations: ...`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -304,8 +314,11 @@ def resolve_settings(args: argparse.Namespace, environ: dict[str, str] | None = 
     try:
         config = ProtectConfig(**values)
     except ConfigError as e:
-        where = next((src for name, src in sources.items() if str(e).startswith(name)), None)
-        raise ConfigError(f"{e} (set by {where})" if where else str(e)) from e
+        msg = str(e)
+        name = next((n for n in sources if msg.startswith(n + " ")), None)
+        if name is not None and sources[name].startswith("--"):  # one line naming the flag and its range
+            raise ConfigError(sources[name] + msg[len(name):]) from e
+        raise ConfigError(f"{msg} (set by {sources[name]})" if name is not None else msg) from e
     except TypeError as e:
         raise ConfigError(str(e)) from e
 
@@ -413,6 +426,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 PROTECT_EPILOG = f"""\
 examples:
   cloak protect talk.wav                      writes talk.cloaked.wav next to it
+  cloak protect --sample                      the shipped speech sample, into ./sample.cloaked.flac
   cloak protect talk.flac -o safe/talk.flac   explicit output file (FLAC keeps its sample format)
   cloak protect interview.mp3                 writes interview.cloaked.wav (float32 WAV; see below)
   cloak protect -r recordings/ -o cloaked/    a whole tree, mirrored under cloaked/
@@ -425,9 +439,13 @@ inputs: files, directories (audio files directly inside; with -r the whole tree)
 
 outputs: <stem>.cloaked<ext> next to each input unless -o is given; with several inputs -o must be a
 directory (created if needed). Rate, channels and length are kept. WAV/FLAC/AIFF inputs keep their container
-(WAV/AIFF are written as 32-bit float, FLAC keeps its bit depth); lossy inputs (MP3, OGG) become float32 WAV,
-because re-encoding to a lossy codec weakens the protection. Existing files are never replaced without
---force, the input itself never; writes are atomic.
+and sample format: 16/24/32-bit PCM stays 16/24/32-bit (quantised so that the stored samples still differ from
+the input's by at most --epsilon; no dither), float stays float. Lossy inputs (MP3, OGG, u-law, ADPCM, ...) are
+written as WAV holding what their decoder gives (float or 16-bit), because re-encoding to a lossy codec weakens
+the protection. Same input, settings and seed: byte-identical output. Existing files are never replaced
+without --force, the input itself never; writes are atomic. Unusable inputs and unwritable outputs are
+reported before any model loads. A clip shorter than 0.5 s or silent (nothing above -60 dBFS), and any
+input with --iterations 0, is written unchanged with a warning.
 
 settings: flags > environment ({ENV_MODELS}) > config file > defaults. Config file keys are the long flag names
 (epsilon, step_size, iterations, ..., plus models and device), e.g. in TOML:
@@ -450,7 +468,10 @@ def register_protect(subparsers: Any) -> argparse.ArgumentParser:
         description="Add an inaudible adversarial perturbation (|delta| <= epsilon) to voice recordings so that "
                     "diffusion voice conversion cannot clone the voice from them.",
         epilog=PROTECT_EPILOG, formatter_class=_Formatter)
-    p.add_argument("inputs", nargs="+", metavar="IN", help="audio file, directory or glob pattern")
+    p.add_argument("inputs", nargs="*", metavar="IN", help="audio file, directory or glob pattern")
+    p.add_argument("--sample", action="store_true",
+                   help="protect the speech sample shipped with VoiceCloak (written to ./" + SAMPLE_OUTPUT +
+                        " unless -o is given; see `cloak sample`)")
     p.add_argument("-o", "--output", metavar="OUT|DIR",
                    help="output file (one input only) or directory (default: <stem>.cloaked<ext> beside each input)")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-directories of directory inputs")
@@ -482,6 +503,9 @@ class Job:
     in_subtype: str | None = None
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    create_dirs: bool = False  # -o DIR: missing directories are created
+    passthrough: str | None = None  # why the input is written unchanged (too short, silent, --iterations 0)
+    reported: bool = False  # its error was already reported (before the models loaded)
 
 
 def _is_own_output(p: Path) -> bool:
@@ -539,9 +563,14 @@ def expand_inputs(items: Sequence[str], recursive: bool) -> tuple[list[tuple[Pat
     return unique, failed
 
 
-def choose_format(in_path: Path, in_format: str | None, in_subtype: str | None,
-                  explicit: Path | None) -> tuple[str, str | None, str, list[str]]:
-    """(container, subtype, extension, warnings) of the protected copy of one input."""
+def choose_format(in_path: Path, in_format: str | None, in_subtype: str | None, explicit: Path | None,
+                  epsilon: float = 0.002) -> tuple[str, str | None, str, list[str]]:
+    """(container, subtype, extension, warnings) of the protected copy of one input.
+
+    Lossless containers (WAV, FLAC, AIFF) are kept with the input's own subtype: 16/24/32-bit PCM stays that
+    bit depth, float stays float (see cloak.audio.output_subtype for the few exceptions, each with a warning).
+    Lossy inputs (OGG, MP3, or a lossy codec inside WAV/AIFF) are written losslessly as what their decoder
+    gives. An explicit -o decides the container; a lossy one (.ogg, .mp3) is honoured with a warning."""
     warnings: list[str] = []
     if explicit is not None:
         ext = explicit.suffix
@@ -550,23 +579,23 @@ def choose_format(in_path: Path, in_format: str | None, in_subtype: str | None,
             warnings.append(f"{explicit}: lossy {fmt} encoding weakens the protection; "
                             "a lossless output (.wav, .flac) is strongly recommended")
             return fmt, None, ext, warnings
-        if fmt == "FLAC":
-            return fmt, (in_subtype if in_subtype in _FLAC_SUBTYPES else "PCM_24"), ext, warnings
-        return fmt, "FLOAT", ext, warnings
-    if in_format in LOSSLESS_FORMATS:
+    elif in_format in LOSSLESS_FORMATS:
+        fmt = in_format
         ext = in_path.suffix if _EXT_FORMAT.get(in_path.suffix.lower()) == in_format else _FORMAT_EXT[in_format]
-        if in_format == "FLAC":
-            return "FLAC", (in_subtype if in_subtype in _FLAC_SUBTYPES else "PCM_24"), ext, warnings
-        return in_format, "FLOAT", ext, warnings
-    if in_format in LOSSY_FORMATS:
-        warnings.append(f"{in_path}: input is lossy ({in_format}/{in_subtype}); the protected copy is written as "
-                        "float32 WAV, because re-encoding it to a lossy format would weaken the protection")
     else:
-        warnings.append(f"{in_path}: {in_format} container is written as float32 WAV")
-    return "WAV", "FLOAT", ".wav", warnings
+        fmt, ext = "WAV", ".wav"
+        if in_format in LOSSY_FORMATS:
+            warnings.append(f"{in_path}: input is lossy ({in_format}/{in_subtype}); the protected copy is written as "
+                            "WAV, because re-encoding it to a lossy format would weaken the protection")
+        else:
+            warnings.append(f"{in_path}: {in_format} container is written as WAV")
+    subtype, note = output_subtype(fmt, in_subtype, epsilon)
+    if note is not None and in_format not in LOSSY_FORMATS:
+        warnings.append(f"{in_path}: {note}")
+    return fmt, subtype, ext, warnings
 
 
-def plan_jobs(files: list[tuple[Path, Path | None]], output: str | None) -> list[Job]:
+def plan_jobs(files: list[tuple[Path, Path | None]], output: str | None, epsilon: float = 0.002) -> list[Job]:
     """Decide every output path and format (reads file headers only). UsageError for an impossible -o."""
     import soundfile as sf
 
@@ -598,7 +627,8 @@ def plan_jobs(files: list[tuple[Path, Path | None]], output: str | None) -> list
             continue
         explicit = target if mode == "file" else None
         job.out_format, job.out_subtype, ext, job.warnings = choose_format(path, job.in_format, job.in_subtype,
-                                                                           explicit)
+                                                                           explicit, epsilon)
+        job.create_dirs = mode == "dir"
         name = f"{path.stem}{CLOAKED_TAG}{ext}"
         if mode == "file":
             assert target is not None
@@ -630,8 +660,32 @@ def preflight(jobs: list[Job], force: bool) -> list[str]:
             problems.append(f"{j.output}: is a directory")
         elif j.output.exists() and not force:
             problems.append(f"{j.output}: already exists (use --force to replace it)")
+        elif (why := output_problem(j.output, create_dirs=j.create_dirs)) is not None:
+            problems.append(f"cannot write {j.output}: {why}")
         claimed[out] = j.input
     return problems
+
+
+def check_inputs(jobs: list[Job], cfg: ProtectConfig, args: argparse.Namespace, reporter: Reporter) -> list[int]:
+    """Read every input once before any model loads: report the unusable ones at once (exit 3, the others are
+    still processed) and mark those to be written unchanged (shorter than 0.5 s, silent, --iterations 0)."""
+    codes = []
+    for job in jobs:
+        if job.error is None:
+            try:
+                audio = read_audio(job.input)
+            except AudioError as e:
+                job.error = str(e)
+            else:
+                if cfg.iterations == 0:
+                    job.passthrough = "--iterations 0: no perturbation computed"
+                else:
+                    job.passthrough = passthrough_reason(audio.samples, audio.sample_rate)
+                del audio
+        if job.error is not None:
+            codes.append(_failure(args, job, job.error, EXIT_AUDIO, reporter))
+            job.reported = True
+    return codes
 
 
 def _columns(stream: TextIO) -> int:
@@ -782,8 +836,18 @@ def run_protect(args: argparse.Namespace) -> int:
     cfg = settings.config
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    files, missing = expand_inputs(args.inputs, args.recursive)
-    jobs = plan_jobs(files, args.output) if files else []
+    inputs = list(args.inputs)
+    output = args.output
+    if args.sample:
+        if inputs:
+            raise UsageError("--sample protects the shipped sample only: give no other inputs")
+        inputs = [str(sample_path())]
+        if output is None:  # not beside the sample, inside the installed package
+            output = SAMPLE_OUTPUT
+    elif not inputs:
+        raise UsageError("no inputs: give audio files, directories or glob patterns (or --sample)")
+    files, missing = expand_inputs(inputs, args.recursive)
+    jobs = plan_jobs(files, output, cfg.epsilon) if files else []
     jobs = missing + jobs
     if not jobs:
         raise UsageError("no audio files to process")
@@ -814,13 +878,17 @@ def run_protect(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    codes: list[int] = []
     token = CancelToken()
     reporter = Reporter(len(jobs), cfg, args.quiet)
+    codes = check_inputs(jobs, cfg, args, reporter)  # fail fast: before any model loads
+    need_models = any(j.error is None and j.passthrough is None for j in jobs)
     cancelled = False
+    model_ids: list[dict[str, Any]] = []
     try:
         with cancel_on_sigint(token, reporter):
-            if remote is not None:
+            if not need_models:
+                pass
+            elif remote is not None:
                 protector = _remote_protector(remote)
                 info = protector.info()
                 reporter.info(f"cloak: protecting on {remote.server} (voicecloak {info.version}, {info.device})")
@@ -836,6 +904,9 @@ def run_protect(args: argparse.Namespace) -> int:
                 if token.cancelled:
                     cancelled = True
                     break
+                if job.reported:
+                    reporter.end_file()
+                    continue
                 if job.error is not None:
                     codes.append(_failure(args, job, job.error, EXIT_AUDIO, reporter))
                     reporter.end_file()
@@ -845,40 +916,50 @@ def run_protect(args: argparse.Namespace) -> int:
                     reporter.message(f"cloak: warning: {w}")
                 try:
                     audio = read_audio(job.input)
+                    exact = read_exact(job.input)  # PCM_32 / DOUBLE samples that float32 cannot hold
                 except AudioError as e:
                     codes.append(_failure(args, job, str(e), EXIT_AUDIO, reporter))
                     reporter.end_file()
                     continue
-                reporter.start_file(index, job.input)
+                metrics: dict[str, Any]
+                if job.passthrough is not None:
+                    reporter.message(f"cloak: warning: {job.input}: {job.passthrough}; the output is the input "
+                                     "unchanged")
+                    stored = fit_to_budget(exact, exact, cfg.epsilon, job.out_subtype)
+                    metrics = {"seconds": 0.0, "iterations": 0, "windows": 0, "config": cfg.to_dict(),
+                               "warning": f"{job.passthrough}; the output is the input unchanged"}
+                else:
+                    reporter.start_file(index, job.input)
+                    try:
+                        if remote is not None:
+                            result = protector.protect(audio.samples, audio.sample_rate, cfg, progress=reporter,
+                                                       cancel=token)
+                        else:
+                            result = cloak.protect(audio.samples, audio.sample_rate, models, cfg,
+                                                   progress=reporter, cancel=token)
+                    except Cancelled:
+                        cancelled = True
+                        break
+                    except AudioError as e:
+                        codes.append(_failure(args, job, f"{job.input}: {e}", EXIT_AUDIO, reporter))
+                        reporter.end_file()
+                        continue
+                    except (BundleError, KeyboardInterrupt, ServerUnavailable, ConfigError):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - e.g. out of memory on one long file: go on with the rest
+                        if _debug():
+                            traceback.print_exc()
+                        codes.append(_failure(args, job, f"{job.input}: internal error: {type(e).__name__}: {e}",
+                                              EXIT_INTERNAL, reporter))
+                        reporter.end_file()
+                        continue
+                    if token.cancelled:
+                        cancelled = True
+                        break
+                    metrics = result.metrics
+                    stored = fit_to_budget(result.audio, exact, cfg.epsilon, job.out_subtype)
                 try:
-                    if remote is not None:
-                        result = protector.protect(audio.samples, audio.sample_rate, cfg, progress=reporter,
-                                                   cancel=token)
-                    else:
-                        result = cloak.protect(audio.samples, audio.sample_rate, models, cfg, progress=reporter,
-                                               cancel=token)
-                except Cancelled:
-                    cancelled = True
-                    break
-                except AudioError as e:
-                    codes.append(_failure(args, job, f"{job.input}: {e}", EXIT_AUDIO, reporter))
-                    reporter.end_file()
-                    continue
-                except (BundleError, KeyboardInterrupt, ServerUnavailable, ConfigError):
-                    raise
-                except Exception as e:  # noqa: BLE001 - e.g. out of memory on one long file: go on with the rest
-                    if _debug():
-                        traceback.print_exc()
-                    codes.append(_failure(args, job, f"{job.input}: internal error: {type(e).__name__}: {e}",
-                                          EXIT_INTERNAL, reporter))
-                    reporter.end_file()
-                    continue
-                if token.cancelled:
-                    cancelled = True
-                    break
-                stored = fit_to_budget(result.audio, audio.samples, cfg.epsilon, job.out_subtype)
-                try:
-                    if job.output.parent != Path() and not job.output.parent.exists():
+                    if job.create_dirs:
                         job.output.parent.mkdir(parents=True, exist_ok=True)
                     write_audio(job.output, stored, audio.sample_rate, subtype=job.out_subtype,
                                 format=job.out_format, overwrite=args.force, protect_original=job.input)
@@ -888,7 +969,7 @@ def run_protect(args: argparse.Namespace) -> int:
                     continue
                 reporter.end_file()
                 codes.append(EXIT_OK)
-                _report_file(args, job, audio, stored, result.metrics, model_ids, settings, reporter)
+                _report_file(args, job, audio.sample_rate, exact, stored, metrics, model_ids, settings, reporter)
     finally:
         reporter.close()
     if cancelled:
@@ -903,14 +984,17 @@ def run_protect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _report_file(args: argparse.Namespace, job: Job, audio: cloak.audio.Audio, stored: np.ndarray,
+def _report_file(args: argparse.Namespace, job: Job, sample_rate: int, exact: np.ndarray, stored: np.ndarray,
                  metrics: dict[str, Any], model_ids: list[dict[str, Any]], settings: Settings,
                  reporter: Reporter) -> None:
-    x = audio.samples.astype(np.float64)
+    x = exact.astype(np.float64)
     diff = stored.astype(np.float64) - x
     noise = float(np.sum(diff**2))
-    snr = 10 * math.log10(max(float(np.sum(x**2)), 1e-20) / max(noise, 1e-20))
+    snr: float | None = None
+    if noise > 0:
+        snr = 10 * math.log10(max(float(np.sum(x**2)), 1e-20) / noise)
     linf = float(np.max(np.abs(diff))) if diff.size else 0.0
+    channels = 1 if x.ndim == 1 else int(x.shape[1])
     if args.json:
         reporter.result(json.dumps({
             "input": str(job.input), "output": str(job.output), "ok": True,
@@ -919,9 +1003,11 @@ def _report_file(args: argparse.Namespace, job: Job, audio: cloak.audio.Audio, s
             "iterations": metrics.get("iterations"), "windows": metrics.get("windows"),
             "gender": metrics.get("gender"), "opposite_speaker": metrics.get("opposite_speaker"),
             "models": model_ids, "device": settings.device, "config": metrics.get("config"),
-            "sample_rate": audio.sample_rate, "channels": audio.channels, "frames": audio.frames,
-            "format": job.out_format, "subtype": job.out_subtype,
+            "sample_rate": sample_rate, "channels": channels, "frames": int(x.shape[0]),
+            "format": job.out_format, "subtype": job.out_subtype, "warning": metrics.get("warning"),
         }, default=_jsonable))
+    elif linf == 0:
+        reporter.result(f"{job.input} -> {job.output}  (unchanged: {metrics.get('warning') or 'no perturbation'})")
     else:
         reporter.result(f"{job.input} -> {job.output}  (SNR {snr:.1f} dB, max |delta| {linf:.2g}, "
                         f"{metrics.get('seconds', 0.0):.1f} s)")
@@ -1213,6 +1299,45 @@ def run_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- wiring
 
 
+# ---------------------------------------------------------------------------------------------- sample
+
+
+def register_sample(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "sample", help="copy the shipped speech sample out (to try cloak protect on)",
+        description="Copy the short speech sample shipped with VoiceCloak (5.6 s of LibriSpeech, CC BY 4.0) to "
+                    "PATH, or print where it is. `cloak protect --sample` protects it directly.",
+        epilog="examples:\n  cloak sample take.flac            a copy to try `cloak protect take.flac` on\n"
+               "  cloak sample --path               where the installed sample is\n\n" + EXIT_CODES_HELP,
+        formatter_class=_Formatter)
+    p.add_argument("dest", nargs="?", metavar="PATH", help="where to copy it (default ./sample.flac)")
+    p.add_argument("--path", action="store_true", help="print the installed sample's path instead of copying it")
+    p.add_argument("-f", "--force", action="store_true", help="replace an existing file")
+    return p
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import shutil
+
+    src = sample_path()
+    if args.path:
+        print(src)
+        return EXIT_OK
+    dest = Path(args.dest or "sample.flac").expanduser()
+    if dest.is_dir():
+        dest = dest / "sample.flac"
+    if dest.suffix.lower() != src.suffix:
+        raise UsageError(f"{dest}: the sample is FLAC: give a .flac path (cloak protect converts with -o x.wav)")
+    if dest.exists() and not args.force:
+        raise UsageError(f"{dest}: already exists (use --force to replace it)")
+    why = output_problem(dest)
+    if why is not None:
+        raise UsageError(f"cannot write {dest}: {why}")
+    shutil.copyfile(src, dest)
+    print(f"{dest}  ({SAMPLE_CREDIT})")
+    return EXIT_OK
+
+
 class Subcommand(NamedTuple):
     name: str
     register: Callable[[Any], argparse.ArgumentParser]
@@ -1233,6 +1358,7 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("protect", register_protect, run_protect),
     Subcommand("models", register_models, run_models),
     Subcommand("info", register_info, run_info),
+    Subcommand("sample", register_sample, run_sample),
     Subcommand("clone", register_clone, run_clone, _clone_available),
     Subcommand("serve", register_serve, run_serve, _serve_available),
     Subcommand("evaluate", _lazy("clients.evaluate_cmd", "register_evaluate"),
@@ -1245,6 +1371,7 @@ SUBCOMMANDS: list[Subcommand] = [
 
 MAIN_EPILOG = f"""\
 examples:
+  cloak protect --sample                    protects the shipped sample into ./sample.cloaked.flac
   cloak protect talk.wav                    writes talk.cloaked.wav
   cloak protect -r recordings/ -o cloaked/  a whole directory tree
   cloak protect --help                      all settings and output rules
@@ -1259,7 +1386,7 @@ environment: {ENV_MODELS} (model bundle directory), {ENV_DEBUG}=1 (tracebacks fo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cloak", formatter_class=_Formatter, epilog=MAIN_EPILOG,
         description="VoiceCloak: protect voice recordings from diffusion voice cloning with an inaudible "
                     "adversarial perturbation.")

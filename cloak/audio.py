@@ -266,8 +266,8 @@ def read_audio(path: PathLike, *, min_seconds: float = 0.1, max_seconds: float |
             if f.frames > 0 and max_seconds is not None and f.frames / rate > max_seconds:
                 # refuse before decoding a huge file
                 _check_length(name, int(f.frames), rate, min_seconds, max_seconds)
-            data = f.read(dtype="float32", always_2d=False)
-    except (sf.SoundFileError, RuntimeError, OSError) as exc:
+            data = f.read(_frames_to_read(f), dtype="float32", always_2d=False)
+    except (sf.SoundFileError, RuntimeError, OSError, ValueError) as exc:
         raise AudioError(f"{name}: not readable as audio: {exc}") from exc
     samples = np.ascontiguousarray(data, dtype=np.float32)
     if rate <= 0:
@@ -452,11 +452,10 @@ def fit_to_budget(out: np.ndarray, inp: np.ndarray, epsilon: float, subtype: str
         lo, hi = np.ceil((x - epsilon) * full), np.floor((x + epsilon) * full)
         q = np.where(lo <= hi, np.clip(q, lo, hi), np.rint(x * full))
         return (np.clip(q, -full, full - 1) / full).astype(np.float64 if bits > 24 else np.float32)
-    if subtype == "DOUBLE":
-        return x + np.clip(out.astype(np.float64) - x, -epsilon, epsilon)
-    y = (x + np.clip(out.astype(np.float64) - x, -epsilon, epsilon)).astype(np.float32)
-    target = inp.astype(np.float32)
-    for _ in range(8):  # float32 rounding of the line above can still overshoot by a few ulps
+    dtype = np.float64 if subtype == "DOUBLE" else np.float32
+    y = (x + np.clip(out.astype(np.float64) - x, -epsilon, epsilon)).astype(dtype)
+    target = inp.astype(dtype)
+    for _ in range(8):  # rounding of the line above can still overshoot by a few ulps
         bad = np.abs(y.astype(np.float64) - x) > epsilon
         if not bad.any():
             break
@@ -468,10 +467,17 @@ def read_exact(path: PathLike) -> np.ndarray:
     """The samples of an audio file as float64 (every PCM_32 and DOUBLE value exactly; float32 cannot hold
     them), ``(frames,)`` for mono, ``(frames, channels)`` otherwise. Use :func:`read_audio` to check a file."""
     try:
-        data, _ = sf.read(str(path), dtype="float64", always_2d=False)
-    except (sf.SoundFileError, RuntimeError, OSError) as exc:
+        with sf.SoundFile(str(path)) as f:
+            data = f.read(_frames_to_read(f), dtype="float64", always_2d=False)
+    except (sf.SoundFileError, RuntimeError, OSError, ValueError) as exc:
         raise AudioError(f"{path}: not readable as audio: {exc}") from exc
     return np.ascontiguousarray(data)
+
+
+def _frames_to_read(f: sf.SoundFile) -> int:
+    """All frames: -1 where the file is seekable; libsndfile opens some codecs (G.721, GSM 6.10, NMS ADPCM)
+    as non-seekable, and soundfile then needs the count, which their header gives."""
+    return -1 if f.seekable() else int(f.frames)
 
 
 # Lossy or companded encodings: what their decoded samples are written as (re-encoding them would both weaken the

@@ -205,7 +205,7 @@ def test_nan_in_file(tmp_path: Path, speech: tuple[np.ndarray, int]) -> None:
 
 def test_bad_limits() -> None:
     with pytest.raises(AudioError, match="max_seconds"):
-        read_audio(_need(VCTK_WAV), min_seconds=2.0, max_seconds=1.0)
+        read_audio(SAMPLE, min_seconds=2.0, max_seconds=1.0)
 
 
 # ------------------------------------------------------------------------------------------ validation

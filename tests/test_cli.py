@@ -1,4 +1,5 @@
-"""Tests of the `cloak` command line (clients.cli), in-process on real corpus speech with a tiny random DiffVC."""
+"""Tests of the `cloak` command line (clients.cli), in-process on real speech (the sample shipped with the package)
+with a tiny random DiffVC."""
 
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import SAMPLE
 from scipy.signal import resample_poly
 
 import cloak
 from clients import cli
 from clients.cli import main
 
-CORPUS = Path("/work/shared/corpus")
-SPEECH = CORPUS / "vctk_p225" / "p225_003.wav"
+SPEECH = SAMPLE  # LibriSpeech 3331-159605-0003, 16 kHz PCM_16 FLAC, ships with the package
 EPS = 0.002
 # tiny, fast settings: 2 iterations, a single draw per step; a large step so the perturbation is clearly > 0
 FAST = ["--iterations", "2", "--repeats", "1", "--t-adv", "1", "--source-frames", "32", "--gender", "male",
@@ -66,9 +67,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
-    if not SPEECH.is_file():
-        pytest.skip(f"corpus file {SPEECH} not available")
-    x, rate = sf.read(str(SPEECH), dtype="float64", frames=32000)  # 2 s at 16 kHz
+    x, rate = sf.read(str(SPEECH), dtype="float64", start=8000, frames=32000)  # 2 s at 16 kHz
     assert rate == 16000
     return x * (0.8 / np.max(np.abs(x)))
 
@@ -116,8 +115,8 @@ def test_protect_formats_json_and_bound(tmp_path: Path, bundle: Path, speech: np
     records = _json_lines(cap.out)
     assert len(records) == 4
 
-    expected = {"mono16.wav": ("mono16.cloaked.wav", "WAV", "FLOAT"),
-                "stereo44.wav": ("stereo44.cloaked.wav", "WAV", "FLOAT"),
+    expected = {"mono16.wav": ("mono16.cloaked.wav", "WAV", "PCM_16"),  # the sample format is kept
+                "stereo44.wav": ("stereo44.cloaked.wav", "WAV", "PCM_16"),
                 "voice48.flac": ("voice48.cloaked.flac", "FLAC", "PCM_16"),
                 "lossy.ogg": ("lossy.cloaked.wav", "WAV", "FLOAT")}
     dv_sha = hashlib.sha256((bundle / "diffvc.pt").read_bytes()).hexdigest()
@@ -207,7 +206,7 @@ def test_bad_inputs_exit_3_others_processed(tmp_path: Path, bundle: Path, speech
 
 @pytest.mark.parametrize("extra, needle", [
     (["--epsilon", "-1"], "epsilon"),
-    (["--step-size", "0.01"], "step_size"),
+    (["--step-size", "0.01"], "--step-size must be in (0, epsilon]"),
     (["--losses", "id,bogus"], "losses"),
     (["--gender", "robot"], "invalid choice"),
     (["--weights", "1", "2", "3"], "--weights"),
@@ -413,3 +412,238 @@ def test_module_entry_point_subprocess() -> None:
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "protect" in r.stdout and "exit codes:" in r.stdout
+
+
+# ------------------------------------------------------------------- formats kept, byte-identical outputs
+
+
+def _fake_engine(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """No models: `cloak.protect` adds a fixed +-EPS pattern (the budget's very edge, where rounding to the nearest
+    PCM step would break the bound). Returns the list that records every protect call."""
+    from cloak.protect import ProtectResult
+
+    calls: list[str] = []
+
+    def load(settings: cli.Settings) -> object:
+        calls.append("load")
+        return type("FakeModels", (), {"wavlm": None, "info": []})()
+
+    def protect(audio, sample_rate, models, config, progress=None, cancel=None):  # noqa: ANN001, ANN202
+        calls.append("protect")
+        x = np.asarray(audio, dtype=np.float32)
+        sign = np.where(np.arange(x.shape[0]) % 3 == 0, -1.0, 1.0).astype(np.float32)
+        delta = config.epsilon * (sign if x.ndim == 1 else sign[:, None])
+        out = np.clip(x + delta, -1, 1).astype(np.float32)
+        return ProtectResult(out, sample_rate, {"seconds": 0.0, "iterations": 1})
+
+    monkeypatch.setattr(cli, "_load_models", load)
+    monkeypatch.setattr(cloak, "protect", protect)
+    return calls
+
+
+def _writable_subtypes() -> list[tuple[str, str]]:
+    return [(fmt, sub) for fmt in ("WAV", "FLAC", "OGG") for sub in sorted(sf.available_subtypes(fmt))]
+
+
+# what each input subtype comes back as: PCM depth and float kept; 8-bit (a step of 1/128 cannot hold a 0.002
+# perturbation) becomes 16-bit; lossy/companded codecs become what their decoder gives, inside WAV
+_EXPECTED_SUBTYPE = {"PCM_U8": "PCM_16", "PCM_S8": "PCM_16", "ULAW": "PCM_16", "ALAW": "PCM_16",
+                     "IMA_ADPCM": "PCM_16", "MS_ADPCM": "PCM_16", "GSM610": "PCM_16", "G721_32": "PCM_16",
+                     "NMS_ADPCM_16": "PCM_16", "NMS_ADPCM_24": "PCM_16", "NMS_ADPCM_32": "PCM_16",
+                     "MPEG_LAYER_III": "FLOAT", "VORBIS": "FLOAT", "OPUS": "FLOAT"}
+
+
+@pytest.mark.parametrize(("fmt", "subtype"), _writable_subtypes())
+def test_every_subtype_comes_back_in_kind_within_the_bound(tmp_path: Path, speech: np.ndarray, fmt: str,
+                                                           subtype: str, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    calls = _fake_engine(monkeypatch)
+    ext = {"WAV": ".wav", "FLAC": ".flac", "OGG": ".ogg"}[fmt]
+    inp = tmp_path / f"in{ext}"
+    x = speech[:16000].astype(np.float32)
+    try:
+        sf.write(str(inp), np.stack([x, 0.5 * x], axis=1), 16000, format=fmt, subtype=subtype)
+    except (sf.SoundFileError, RuntimeError, ValueError):
+        inp.unlink(missing_ok=True)
+        try:  # some codecs (GSM 6.10, G.721, NMS ADPCM) are mono only
+            sf.write(str(inp), x, 16000, format=fmt, subtype=subtype)
+        except (sf.SoundFileError, RuntimeError, ValueError) as e:
+            pytest.skip(f"this libsndfile cannot write {fmt}/{subtype}: {e}")
+    info_in = sf.info(str(inp))
+    want_fmt = "WAV" if fmt == "OGG" else fmt
+    want_sub = _EXPECTED_SUBTYPE.get(subtype, subtype)
+    outs = []
+    for run in ("a", "b"):
+        rc = main(["protect", str(inp), "-o", str(tmp_path / run) + "/", "--json", "--iterations", "1"])
+        cap = capsys.readouterr()
+        assert rc == 0, cap.err
+        rec = _json_lines(cap.out)[0]
+        out = Path(rec["output"])
+        assert out.suffix == (".flac" if fmt == "FLAC" else ".wav")
+        outs.append(out)
+    assert calls == ["load", "protect"] * 2
+    info = sf.info(str(outs[0]))
+    assert (info.format, info.subtype) == (want_fmt, want_sub)
+    assert (rec["format"], rec["subtype"]) == (want_fmt, want_sub)
+    assert (info.samplerate, info.channels, info.frames) == (info_in.samplerate, info_in.channels, info_in.frames)
+    if want_sub != subtype:
+        assert subtype in cap.err  # a warning says why the sample format changed
+    ref, got = _read(inp), _read(outs[0])
+    diff = np.abs(got - ref)
+    assert diff.max() <= EPS and diff.max() >= 0.9 * EPS  # the bound holds on the written samples, delta survives
+    assert rec["linf"] == diff.max()
+    assert outs[0].read_bytes() == outs[1].read_bytes()  # same input, settings (and seed): same bytes
+
+
+def test_pcm_and_float_files_end_to_end_same_subtype_same_bytes(tmp_path: Path, bundle: Path, speech: np.ndarray,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The real engine (tiny model): PCM_16/24/32 and float WAV and 24-bit FLAC keep their sample format, stay
+    within epsilon as written, and two runs with the same seed write byte-identical files."""
+    src = tmp_path / "in"
+    src.mkdir()
+    x = speech[:16000].astype(np.float32)
+    inputs = {"p16.wav": "PCM_16", "p24.wav": "PCM_24", "p32.wav": "PCM_32", "f32.wav": "FLOAT", "p24.flac": "PCM_24"}
+    for name, sub in inputs.items():
+        sf.write(str(src / name), x, 16000, subtype=sub)
+    digests = []
+    for run in ("a", "b"):
+        rc = main(["protect", str(src), "-o", str(tmp_path / run), "--models", str(bundle), "--json", *FAST,
+                   "--seed", "3"])
+        cap = capsys.readouterr()
+        assert rc == 0, cap.err
+        recs = {Path(r["input"]).name: r for r in _json_lines(cap.out)}
+        assert set(recs) == set(inputs)
+        for name, sub in inputs.items():
+            out = Path(recs[name]["output"])
+            assert sf.info(str(out)).subtype == sub
+            diff = np.abs(_read(out) - _read(src / name))
+            assert 0 < diff.max() <= EPS
+        digests.append({n: hashlib.sha256(Path(r["output"]).read_bytes()).hexdigest() for n, r in recs.items()})
+    assert digests[0] == digests[1]
+    raw = (tmp_path / "a" / "f32.cloaked.wav").read_bytes()
+    assert b"PEAK" not in raw  # no timestamped chunk
+
+
+# ------------------------------------------------------------------------------------ fail fast, pass through
+
+
+@pytest.fixture()
+def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(settings: cli.Settings) -> None:
+        raise AssertionError("models were loaded although nothing needed them")
+
+    monkeypatch.setattr(cli, "_load_models", refuse)
+    monkeypatch.setattr(cli, "_remote_protector", refuse)
+
+
+@pytest.mark.parametrize(("extra", "line"), [
+    (["--iterations", "-1"], "--iterations must be in [0, 10000], got -1"),
+    (["--epsilon", "0.5"], "--epsilon must be in (0, 0.1], got 0.5"),
+    (["--repeats", "0"], "--repeats must be in [1, 64], got 0"),
+    (["--window-seconds", "0.5"], "--window-seconds must be in [1, 120], got 0.5"),
+    (["--seed", "-3"], "--seed must be in [0, 2^63), got -3"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--iterations", "many"], "argument --iterations: invalid int value: 'many'"),
+])
+def test_flags_out_of_range_exit_2_with_one_line(tmp_path: Path, speech: np.ndarray, no_models: None,
+                                                 capsys: pytest.CaptureFixture[str], extra: list[str],
+                                                 line: str) -> None:
+    inp = _mono16(speech[:16000], tmp_path / "a.wav")
+    assert main(["protect", str(inp), *extra]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert line in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
+
+
+def test_unusable_input_or_output_fails_before_models_load(tmp_path: Path, speech: np.ndarray, no_models: None,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    good = _mono16(speech[:16000], tmp_path / "good.wav")
+    assert main(["protect", str(tmp_path / "missing.wav"), "--json"]) == 3
+    cap = capsys.readouterr()
+    assert "missing.wav: no such file" in cap.err and _json_lines(cap.out)[0]["exit_code"] == 3
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio")
+    assert main(["protect", str(text)]) == 3
+    assert "not readable as audio" in capsys.readouterr().err
+    nan = tmp_path / "nan.wav"
+    y = speech[:8000].astype(np.float32)
+    y[5] = np.nan
+    sf.write(str(nan), y, 16000, subtype="FLOAT")
+    assert main(["protect", str(nan)]) == 3  # found by reading the whole file, still before the models
+    assert "NaN" in capsys.readouterr().err
+    # outputs: a missing directory, a parent that is a file, an existing file without --force -> exit 2
+    (tmp_path / "afile").write_text("x")
+    for out, needle in [(tmp_path / "nodir" / "o.wav", "does not exist"),
+                        (tmp_path / "afile" / "o.wav", "afile is a file"),
+                        (good, "never overwritten"),
+                        (text, "already exists (use --force")]:
+        assert main(["protect", str(good), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "nothing was written" in err
+    assert main(["protect", str(good), "-o", str(tmp_path / "afile" / "sub") + "/"]) == 2  # -o DIR under a file
+    assert "is a file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "good.wav", "nan.wav", "notes.wav"]
+
+
+def test_iterations_0_short_and_silent_clips_come_back_unchanged(tmp_path: Path, speech: np.ndarray,
+                                                                 no_models: None,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    clips = {"take.wav": (speech[:16000], "PCM_24"), "short.wav": (speech[:4800], "PCM_16"),  # 0.3 s
+             "silent.flac": (np.zeros(32000), "PCM_16"),
+             "hum.wav": (speech[:32000] * (10 ** (-65 / 20) / np.max(np.abs(speech))), "FLOAT")}  # peak -65 dBFS
+    for name, (x, sub) in clips.items():
+        sf.write(str(tmp_path / name), x.astype(np.float32), 16000, subtype=sub)
+    assert main(["protect", str(tmp_path / "take.wav"), "--iterations", "0", "-o", str(tmp_path / "t0.wav")]) == 0
+    cap = capsys.readouterr()
+    assert "--iterations 0" in cap.err and "unchanged" in cap.out
+    rc = main(["protect", *(str(tmp_path / n) for n in ("short.wav", "silent.flac", "hum.wav")), "-o",
+               str(tmp_path / "out"), "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "shorter than 0.5 s" in cap.err and "digital silence" in cap.err and "-65.0 dBFS" in cap.err
+    recs = {Path(r["input"]).name: r for r in _json_lines(cap.out)}
+    assert all(r["ok"] and r["linf"] == 0 and r["snr_db"] is None and "unchanged" in r["warning"]
+               for r in recs.values())
+    pairs = [("take.wav", tmp_path / "t0.wav"), ("short.wav", tmp_path / "out" / "short.cloaked.wav"),
+             ("silent.flac", tmp_path / "out" / "silent.cloaked.flac"),
+             ("hum.wav", tmp_path / "out" / "hum.cloaked.wav")]
+    for name, out in pairs:
+        assert sf.info(str(out)).subtype == sf.info(str(tmp_path / name)).subtype
+        np.testing.assert_array_equal(_read(out), _read(tmp_path / name))
+
+
+def test_library_protect_with_0_iterations_returns_the_input(bundle: Path, speech: np.ndarray) -> None:
+    """Was an IndexError in cloak/protect.py."""
+    models = cloak.load_models(str(bundle), "cpu")
+    x = speech[:16000].astype(np.float32)
+    cfg = cloak.ProtectConfig(iterations=0, repeats=1, t_adv=1, source_frames=32, gender="male")
+    r = cloak.protect(x, 16000, models, cfg)
+    np.testing.assert_array_equal(r.audio, x)
+    assert r.metrics["linf"] == 0 and "unchanged" in r.metrics["note"]
+
+
+# ------------------------------------------------------------------------------------------ shipped sample
+
+
+def test_shipped_sample_protect_and_copy(tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from cloak.sample import sample_path
+
+    src = sample_path()
+    info = sf.info(str(src))
+    assert src.stat().st_size <= 1_000_000 and 4 <= info.duration <= 6 and (src.parent / "SOURCES.md").is_file()
+    assert "CC BY 4.0" in (src.parent / "SOURCES.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    assert main(["protect", "--sample", "--models", str(bundle), *FAST]) == 0  # written here, not in the package
+    out = tmp_path / cli.SAMPLE_OUTPUT
+    assert (sf.info(str(out)).format, sf.info(str(out)).subtype, sf.info(str(out)).frames) == (
+        "FLAC", "PCM_16", info.frames)
+    assert 0 < np.max(np.abs(_read(out) - _read(src))) <= EPS
+    assert main(["protect", "--sample", str(out)]) == 2  # --sample takes no other inputs
+    assert main(["protect"]) == 2
+    assert "--sample" in capsys.readouterr().err
+    assert main(["sample", "mine.flac"]) == 0 and (tmp_path / "mine.flac").read_bytes() == src.read_bytes()
+    assert "CC BY 4.0" in capsys.readouterr().out
+    assert main(["sample", "mine.flac"]) == 2 and "already exists" in capsys.readouterr().err
+    assert main(["sample", "--path"]) == 0 and capsys.readouterr().out.strip() == str(src)
