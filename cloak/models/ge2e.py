@@ -1,13 +1,14 @@
 """GE2E d-vector speaker encoder (the one DiffVC conditions on), differentiable end to end.
 
 Weights: `pretrained.pt` of Real-Time-Voice-Cloning, shipped byte-identical inside the `resemblyzer` wheel.
-The file is found through package metadata; resemblyzer itself is never imported (its import chain breaks on
-current setuptools).
+The file is found through package metadata (or the import system's spec of the package, which locates it without
+executing it); resemblyzer itself is never imported (its import chain breaks on current setuptools).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 from importlib import metadata
 from pathlib import Path
@@ -25,15 +26,31 @@ TARGET_DBFS = -30.0
 
 
 def resemblyzer_weights() -> Path:
-    """Path of `resemblyzer/pretrained.pt` in the installed resemblyzer distribution."""
+    """Path of `resemblyzer/pretrained.pt` in the installed resemblyzer distribution, found without importing
+    resemblyzer (whose import chain pulls librosa and webrtcvad and breaks on current setuptools): first in the
+    distribution's file list (importlib.metadata), else in the package directory the import system would load
+    it from (importlib.util.find_spec of a top-level package locates it without executing it)."""
+    found = False
     try:
         dist = metadata.distribution("resemblyzer")
-    except metadata.PackageNotFoundError as e:
+    except metadata.PackageNotFoundError:
+        pass
+    else:
+        found = True
+        for f in dist.files or []:
+            if str(f).replace("\\", "/").endswith("resemblyzer/pretrained.pt"):
+                path = Path(str(dist.locate_file(f)))
+                if path.is_file():
+                    return path
+    spec = importlib.util.find_spec("resemblyzer")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        found = True
+        path = Path(location) / "pretrained.pt"
+        if path.is_file():
+            return path
+    if not found:
         raise FileNotFoundError("the GE2E weights come from the 'resemblyzer' package, which is not installed: "
-                                "pip install resemblyzer==0.1.4 (or give a path to pretrained.pt)") from e
-    for f in dist.files or []:
-        if str(f).replace("\\", "/").endswith("resemblyzer/pretrained.pt"):
-            return Path(str(dist.locate_file(f)))
+                                "pip install resemblyzer==0.1.4 (or give a path to pretrained.pt)")
     raise FileNotFoundError("resemblyzer is installed but resemblyzer/pretrained.pt is missing from it")
 
 
