@@ -589,7 +589,7 @@ def test_unusable_input_or_output_fails_before_models_load(tmp_path: Path, speec
 def test_iterations_0_short_and_silent_clips_come_back_unchanged(tmp_path: Path, speech: np.ndarray,
                                                                  no_models: None,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    clips = {"take.wav": (speech[:16000], "PCM_24"), "short.wav": (speech[:4800], "PCM_16"),  # 0.3 s
+    clips = {"take.wav": (speech[:16000], "PCM_24"), "short.wav": (speech[:3200], "PCM_16"),  # 0.2 s
              "silent.flac": (np.zeros(32000), "PCM_16"),
              "hum.wav": (speech[:32000] * (10 ** (-65 / 20) / np.max(np.abs(speech))), "FLOAT")}  # peak -65 dBFS
     for name, (x, sub) in clips.items():

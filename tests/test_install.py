@@ -81,3 +81,16 @@ def test_cli_runs_from_any_directory(tmp_path: Path) -> None:
                        timeout=300, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == SAMPLE.resolve()
+
+
+def test_missing_shared_data_skips_locally_and_fails_under_ci(tmp_path: Path) -> None:
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("from conftest import corpus_clip\n\n\ndef test_needs_corpus():\n    corpus_clip('vctk_p225')\n")
+    base = {"PATH": "/usr/bin:/bin", "VOICECLOAK_SHARED": str(tmp_path / "nowhere"), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--rootdir", str(REPO),
+           "--confcutdir", str(REPO / "tests"), "-o", "addopts=", str(probe)]
+    local = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO / "tests", env=base)
+    assert local.returncode == 0 and "1 skipped" in local.stdout, local.stdout + local.stderr
+    assert str(tmp_path / "nowhere" / "corpus" / "vctk_p225") in local.stdout
+    ci = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO / "tests", env={**base, "CI": "1"})
+    assert ci.returncode == 1 and "1 failed" in ci.stdout and "CI is set" in ci.stdout, ci.stdout + ci.stderr
