@@ -647,3 +647,40 @@ def test_shipped_sample_protect_and_copy(tmp_path: Path, bundle: Path, monkeypat
     assert "CC BY 4.0" in capsys.readouterr().out
     assert main(["sample", "mine.flac"]) == 2 and "already exists" in capsys.readouterr().err
     assert main(["sample", "--path"]) == 0 and capsys.readouterr().out.strip() == str(src)
+
+
+def test_output_directory_without_write_permission_fails_before_models_load(speech: np.ndarray, no_models: None,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as an unprivileged user (root ignores directory permissions): exit 2 before anything is computed."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="cloak-cli-perm-"))
+    try:
+        os.chmod(base, 0o755)
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(base / "xdg"))  # readable by that user too
+        inp = _mono16(speech[:16000], base / "take.wav")
+        os.chmod(inp, 0o644)
+        locked = base / "locked"
+        locked.mkdir()
+        os.chmod(locked, 0o555)
+        argv = ["protect", str(inp), "-o", str(locked / "take.cloaked.wav"), "--quiet"]
+        if os.geteuid() != 0:
+            rc = main(argv)
+        else:
+            cli.build_parser()  # imports every lazy module now: that user may not read the interpreter's files
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 99
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    code = main(argv)
+                finally:
+                    os._exit(code)
+            rc = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        assert rc == 2
+        assert list(locked.iterdir()) == []
+    finally:
+        os.chmod(base / "locked", 0o755)
+        shutil.rmtree(base)
