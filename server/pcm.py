@@ -199,14 +199,15 @@ class Receiver:
         digest = self.hash.hexdigest()
         if digest != self.up.sha256:
             raise InvalidInput(f"sha256 mismatch: the header says {self.up.sha256}, the PCM bytes hash to {digest}")
-        raw = np.frombuffer(self.buf, dtype=self.up.dtype)
-        self.buf = bytearray()  # the array above keeps the old buffer alive until it is converted
-        arr = raw.reshape(self.up.frames, self.up.channels)
+        arr = np.frombuffer(self.buf, dtype=self.up.dtype).reshape(self.up.frames, self.up.channels)
+        self.buf = bytearray()  # the view keeps the received bytes alive until they are converted
         if self.up.channels == 1:
             arr = arr[:, 0]
-        native = arr.astype(arr.dtype.newbyteorder("="))
+        if not arr.dtype.isnative:  # big-endian hosts only; elsewhere the view is converted directly
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         try:
-            return validate_samples(native, self.up.sample_rate, name="pcm", min_seconds=self.limits.min_seconds,
+            # one new float32 array: the peak is the received bytes + the samples (what the budget holds)
+            return validate_samples(arr, self.up.sample_rate, name="pcm", min_seconds=self.limits.min_seconds,
                                     max_seconds=self.limits.max_seconds)
         except AudioError as e:
             raise InvalidInput(str(e)) from e

@@ -31,7 +31,7 @@ from cloak.bundle import Models
 from cloak.features import DIFFVC_HOP, DIFFVC_RATE
 from cloak.protect import Progress, ProtectionJob, pgd_step
 
-from . import logs, pcm
+from . import logs, memory, pcm
 from .config import ServerConfig
 from .gen import cloak_service_pb2 as pb
 from .metrics import Metrics
@@ -92,6 +92,7 @@ class JobRecord:
         self.client = client  # the fair-share identity: owner, else the peer's host
         self.owner = owner  # the token name (--tokens-file): only it may Attach, Cancel or GetJob this job
         self.client_name = client_name  # self-declared, for logs only
+        self.mem = 0  # bytes of the memory budget this job holds (its peak estimate; then its kept result)
         self.peer = peer
         self.keep_on_disconnect = keep_on_disconnect
         self.state = pb.JOB_STATE_QUEUED
@@ -297,6 +298,8 @@ class Scheduler:
         self.finished: OrderedDict[str, JobRecord] = OrderedDict()
         self.sec_per_unit: float | None = None
         self.on_state: Callable[[int], None] | None = None  # health updates
+        self.memory = memory.MemoryBudget(config.memory_budget_bytes)
+        metrics.memory_budget.set(self.memory.total)
         self.stats = {"steps": 0, "job_iterations": 0, "max_batch_seen": 0, "succeeded": 0}
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="cloak-scheduler", daemon=True)
@@ -547,6 +550,7 @@ class Scheduler:
             self.models.speaker_encoders(rec.config.id_encoders)  # raises BundleError for a missing WavLM
             rec.job = ProtectionJob(rec.samples, rec.upload.sample_rate, self.models, rec.config,
                                     progress=rec.on_progress, cancel=rec.cancel)
+            rec.samples = rec.job.samples  # the job's validated copy is the same audio: keep one
             if rec.config.iterations == 0:  # as cloak.protect does: no PGD, windows finished unperturbed
                 while not rec.job.done:
                     rec.job.prepare()
@@ -680,6 +684,7 @@ class Scheduler:
     def _retire(self, rec: JobRecord, outcome: str) -> None:
         if rec in self.active:
             self.active.remove(rec)
+        self._give_memory(rec, rec.mem - len(rec.result_pcm or b""))  # a kept result holds its bytes
         self.jobs[rec.id] = rec
         self.finished[rec.id] = rec
         self.metrics.jobs.labels(outcome).inc()
@@ -690,18 +695,45 @@ class Scheduler:
         self._prune()
         self.cond.notify_all()
 
-    def _prune(self) -> None:
+    def _prune(self, need_memory: int = 0) -> None:
+        """Drop finished jobs past their TTL or over the count/size caps, and (oldest first) as many more as
+        `need_memory` bytes of the budget need: kept results are a cache, new work comes first."""
         now = time.monotonic()
         total = sum(len(r.result_pcm or b"") for r in self.finished.values())
         while self.finished:
             rid, rec = next(iter(self.finished.items()))
             expired = rec.finished_at is not None and now - rec.finished_at > self.cfg.result_ttl
             if not (expired or len(self.finished) > self.cfg.max_results
-                    or total > self.cfg.max_result_mb * (1 << 20)):
+                    or total > self.cfg.max_result_mb * (1 << 20) or self.memory.free < need_memory):
                 break
             del self.finished[rid]
             self.jobs.pop(rid, None)
             total -= len(rec.result_pcm or b"")
+            self._give_memory(rec, rec.mem)
+        self.metrics.memory_reserved.set(self.memory.used)
+
+    # --- the memory budget (server.memory) -----------------------------------------------------------------
+    def memory_estimate(self, upload: pcm.Upload) -> memory.Estimate:
+        return memory.estimate(upload, memory.unet_scale(self.models))
+
+    def take_memory(self, n: int) -> bool:
+        """Hold n bytes of the budget, dropping kept results (oldest first) if that makes room."""
+        with self.cond:
+            if not self.memory.take(n):
+                self._prune(need_memory=n)
+                if not self.memory.take(n):
+                    return False
+            self.metrics.memory_reserved.set(self.memory.used)
+            return True
+
+    def give_memory(self, n: int) -> None:
+        self.memory.give(n)
+        self.metrics.memory_reserved.set(self.memory.used)
+
+    def _give_memory(self, rec: JobRecord, n: int) -> None:
+        n = min(n, rec.mem)
+        rec.mem -= n
+        self.memory.give(n)
 
     # --- views ---------------------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, int]:

@@ -16,7 +16,7 @@ from grpc_status import rpc_status
 
 import cloak
 
-from . import logs, pcm
+from . import logs, memory, pcm
 from .config import MAX_CHUNK_BYTES
 from .gen import cloak_service_pb2 as pb
 from .gen import cloak_service_pb2_grpc as pb_grpc
@@ -294,6 +294,16 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
                 self._reject(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"this job needs about {est:.0f} s of protection but the call's deadline is in "
                              f"{remaining:.1f} s; set a later deadline or none", "rejected_deadline", peer)
+        need = self.sched.memory_estimate(upload)
+        budget = self.sched.memory.total
+        if need.peak > budget:
+            field = "settings.repeats / settings.window_seconds" if need.dominant == "settings.repeats" else \
+                "header.frames"
+            self._reject(context, bad, f"{field}: this job would need about {memory.fmt(need.peak)} of memory at "
+                         f"its peak (upload {memory.fmt(need.upload)}, protection {memory.fmt(need.job)}, of which "
+                         f"the U-Net {memory.fmt(need.unet)}) and this server's --memory-budget is "
+                         f"{memory.fmt(budget)}: send a shorter clip, or use fewer repeats or a shorter window",
+                         "rejected_invalid", peer)
         try:
             self.sched.reserve()
         except QueueFull as e:
@@ -302,6 +312,16 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             context.abort_with_status(_retry_status(str(e), e.retry_after))
         except NotAccepting as e:
             self._reject(context, grpc.StatusCode.UNAVAILABLE, str(e), "rejected_draining", peer)
+        if not self.sched.take_memory(need.peak):
+            self.sched.release()
+            self.sched.metrics.jobs.labels("rejected_memory").inc()
+            retry = self.sched.retry_after()
+            why = (f"not enough memory now: this job needs about {memory.fmt(need.peak)} and "
+                   f"{memory.fmt(max(0, self.sched.memory.free))} of the {memory.fmt(budget)} budget are free; "
+                   f"retry in about {retry:.0f} s")
+            logs.event("job_rejected", peer=peer, code="RESOURCE_EXHAUSTED", reason=why)
+            context.abort_with_status(_retry_status(why, retry))
+        held = _Once(lambda: self.sched.give_memory(need.peak))
         released = _Once(self.sched.release)
         received = False
         try:
@@ -326,20 +346,25 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             received = True  # the reservation becomes the job's queue slot in submit()
         except pcm.InvalidInput as e:
             released()
+            held()
             self._reject(context, bad, str(e), "rejected_invalid", peer)
         except (_Gone, grpc.RpcError):  # the client went away during the upload
             released()
+            held()
             return
         finally:
             if not received:
                 released()  # the idle-timeout abort and anything unexpected free the slot too
+                held()
         owner = self.owner(context)
         rec = JobRecord(upload, samples, owner or peer_host(peer), header.keep_on_disconnect, peer, owner=owner,
                         client_name=header.client_name)
+        rec.mem = need.peak  # the job holds the reservation from here on; the scheduler gives it back
         sub = rec.subscribe()  # before submit: the stream sees every event, however fast the scheduler moves
         try:
             self.sched.submit(rec)
         except NotAccepting as e:
+            held()
             self._reject(context, grpc.StatusCode.UNAVAILABLE, str(e), "rejected_draining", peer)
         if not context.add_callback(lambda: self.sched.on_rpc_end(rec)):
             self.sched.on_rpc_end(rec)
@@ -441,7 +466,8 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             max_sample_rate=cloak.audio.MAX_SAMPLE_RATE, max_channels=cloak.audio.MAX_CHANNELS,
             max_upload_bytes=self.limits.max_upload_bytes, result_ttl_seconds=cfg.result_ttl,
             min_seconds=self.limits.min_seconds, upload_idle_timeout_seconds=self.upload_idle_timeout,
-            max_attach_per_job=self.caps.per_job, max_attach_per_client=self.caps.per_client)
+            max_attach_per_job=self.caps.per_job, max_attach_per_client=self.caps.per_client,
+            memory_budget_bytes=self.sched.memory.total)
         return pb.GetServerInfoResponse(
             version=cloak.__version__, state=self.sched.serving_state,
             models=[pb.ModelInfo(name=i.name, sha256=i.sha256 or "", device=i.device, dtype=i.dtype)

@@ -453,3 +453,62 @@ def test_named_tokens_own_their_jobs_and_share_running_slots_fairly(models, tmp_
         with pytest.raises(grpc.RpcError) as ei:
             s.GetServerInfo(pb.GetServerInfoRequest(), metadata=(("authorization", "Bearer x" * 3),), timeout=5)
         assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# ------------------------------------------------------------------------------------------ memory budget
+def test_memory_budget_refuses_what_never_fits_and_defers_what_does_not_fit_now(models):
+    from clients.remote import _retry_after
+    from server import memory
+
+    budget = 200 << 20
+    h, data = header(speech(0.5), 16000, fast_settings(iterations=1))
+    with running(models, memory_budget=budget, upload_idle_timeout=2.0, max_results=4) as srv, channel(srv) as c:
+        s = stub(c)
+        assert s.GetServerInfo(pb.GetServerInfoRequest(), timeout=5).limits.memory_budget_bytes == budget
+        est = srv.scheduler.memory_estimate(pcm_upload(h))
+        assert 2 * est.peak <= budget < 3 * est.peak, est  # two such jobs fit, a third does not
+        # a clip whose job can never fit: refused before any byte, naming the field
+        big = pb.ProtectHeader()
+        big.CopyFrom(h)
+        big.sample_rate, big.channels, big.frames = 48000, 8, 48000 * 120
+        events, code, details = raw_protect(s, [pb.ProtectRequest(header=big)])
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("header.frames") and not events
+        assert "--memory-budget is 200.0 MiB" in details
+        many = pb.ProtectHeader()
+        many.CopyFrom(h)
+        many.settings.repeats = 64
+        events, code, details = raw_protect(s, [pb.ProtectRequest(header=many)])
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("settings.repeats"), details
+        # two uploads that stall hold the budget; a third is told to come back later
+        stop = threading.Event()
+        stalled = [s.Protect(_stalling(h, [data[:1000]], stop), timeout=30) for _ in range(2)]
+        wait_for(lambda: srv.scheduler.memory.used == 2 * est.peak)
+        call = s.Protect(iter(messages(h, data)), timeout=30)
+        with pytest.raises(grpc.RpcError) as ei:
+            list(call)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "not enough memory" in ei.value.details()
+        assert _retry_after(ei.value) is not None
+        assert srv.metrics.value("cloak_jobs_total", {"outcome": "rejected_memory"}) == 1
+        for x in stalled:  # the idle timeout gives their memory back
+            with pytest.raises(grpc.RpcError):
+                list(x)
+        stop.set()
+        assert srv.scheduler.memory.used == 0
+        events, code, _ = raw_protect(s, messages(h, data))
+        assert code == grpc.StatusCode.OK
+        rec = srv.scheduler.get(events[0].job_id)
+        # a finished job holds only its kept result, and kept results make room for new work
+        assert srv.scheduler.memory.used == len(rec.result_pcm) == rec.mem
+        srv.scheduler.memory.used = budget - est.peak + 1  # as if other work held nearly all of it
+        held_before = srv.scheduler.memory.used
+        assert srv.scheduler.take_memory(est.peak)
+        assert srv.scheduler.get(rec.id) is None  # the result was dropped to make room
+        assert srv.scheduler.memory.used == held_before - len(rec.result_pcm) + est.peak
+        srv.scheduler.memory.used = 0
+    assert memory.fmt(3 << 30) == "3.0 GiB"
+
+
+def pcm_upload(h: pb.ProtectHeader):
+    from server import pcm
+
+    return pcm.validate_header(h, pcm.Limits())
