@@ -127,3 +127,68 @@ def _try_health(c: grpc.Channel) -> bool:
         return _health_seconds(c) >= 0
     except (grpc.RpcError, AssertionError):
         return False
+
+
+def _status_bytes(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def concurrent_uploads_peak_rss(bundle: str, upload_mb: float, budget: str = "1GiB", n: int = 4,
+                                iterations: int = 1) -> dict:
+    """Start `cloak serve --memory-budget budget`, send n concurrent float32 8-channel 48 kHz uploads of
+    upload_mb MB each, wait for them all to end; returns the codes and the server's resident memory."""
+    import hashlib
+
+    import numpy as np
+
+    frames = int(upload_mb * 1e6 / 32)
+    rng = np.random.default_rng(0)
+    audio = (rng.standard_normal((frames, 8)) * 0.05).astype("<f4")
+    data = audio.tobytes()
+    del audio
+    h = pb.ProtectHeader(sample_rate=48000, channels=8, frames=frames, encoding=pb.SAMPLE_ENCODING_FLOAT32,
+                         sha256=hashlib.sha256(data).hexdigest(), settings=fast_settings(iterations=iterations))
+    srv = Served(["--listen", "127.0.0.1:0", "--models", bundle, "--threads", "1", "--memory-budget", budget,
+                  "--max-upload-mb", "2048"])
+    try:
+        address = _listening(srv)
+        with channel(address, options=[("grpc.max_receive_message_length", 8 << 20)]) as c:
+            wait_for(lambda: _try_health(c), timeout=60)
+            base = _status_bytes(srv.proc.pid, "VmRSS")
+            results: list = []
+
+            def one() -> None:
+                results.append(raw_protect(stub(c), messages(h, data, chunk=1 << 20), timeout=600))
+
+            threads = [threading.Thread(target=one) for _ in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(600)
+            peak = _status_bytes(srv.proc.pid, "VmHWM")
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(60)
+        return {"codes": sorted(r[1].name for r in results), "details": [r[2] for r in results],
+                "base_rss": base, "peak_rss": peak}
+    finally:
+        _stop(srv)
+
+
+def test_concurrent_uploads_stay_within_the_memory_budget(tmp_path, corpus):
+    from conftest import make_bundle
+
+    bundle = str(make_bundle(tmp_path / "bundle"))
+    r = concurrent_uploads_peak_rss(bundle, 20)  # 4 x 20 MB; each job's peak is estimated at ~0.7 GiB
+    print(f"4 x 20 MB under 1 GiB: {r['codes']}, RSS {r['base_rss'] / 2**20:.0f} MiB after load, "
+          f"peak {r['peak_rss'] / 2**20:.0f} MiB")
+    assert r["codes"] == ["OK", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"], r["details"]
+    assert r["peak_rss"] <= r["base_rss"] + (1 << 30)
+    r = concurrent_uploads_peak_rss(bundle, 200)  # a 200 MB job can never fit in 1 GiB: refused before its bytes
+    print(f"4 x 200 MB under 1 GiB: {r['codes']}, RSS {r['base_rss'] / 2**20:.0f} MiB after load, "
+          f"peak {r['peak_rss'] / 2**20:.0f} MiB")
+    assert r["codes"] == ["INVALID_ARGUMENT"] * 4 and "header.frames" in r["details"][0]
+    assert r["peak_rss"] <= r["base_rss"] + (1 << 30)
