@@ -103,6 +103,7 @@ _FORMAT_EXT = {"WAV": ".wav", "FLAC": ".flac", "AIFF": ".aiff"}
 LOSSLESS_FORMATS = frozenset({"WAV", "FLAC", "AIFF"})
 LOSSY_FORMATS = frozenset({"OGG", "MP3", "MPEG"})
 CLOAKED_TAG = ".cloaked"
+_WIDE_SUBTYPES = frozenset({"PCM_32", "DOUBLE"})  # samples float32 cannot hold: budget and copies use float64
 SAMPLE_OUTPUT = "sample.cloaked.flac"  # where `cloak protect --sample` writes without -o (the current directory)
 
 
@@ -916,7 +917,8 @@ def run_protect(args: argparse.Namespace) -> int:
                     reporter.message(f"cloak: warning: {w}")
                 try:
                     audio = read_audio(job.input)
-                    exact = read_exact(job.input)  # PCM_32 / DOUBLE samples that float32 cannot hold
+                    # float32 holds every sample of up to 24-bit PCM and of FLOAT exactly, not of PCM_32 / DOUBLE
+                    exact = read_exact(job.input) if job.in_subtype in _WIDE_SUBTYPES else audio.samples
                 except AudioError as e:
                     codes.append(_failure(args, job, str(e), EXIT_AUDIO, reporter))
                     reporter.end_file()
