@@ -12,7 +12,7 @@ Exit codes (the same for every subcommand):
     0    success
     1    internal error (a bug, or the machine ran out of memory); rerun with CLOAK_DEBUG=1 for a traceback
     2    usage error or bad settings (unknown flag, value out of range, bad config file, output exists
-         without --force, several inputs with -o FILE, ...); nothing was processed
+         without --force or cannot be written, several inputs with -o FILE, ...); nothing was processed
     3    an input is not usable audio (missing, unreadable, empty, NaN samples, ...) or an output could not be
          written; the other files were still processed
     4    model bundle problem (directory missing, checkpoint missing or corrupt, SHA256SUMS mismatch)
