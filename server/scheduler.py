@@ -34,6 +34,7 @@ from cloak.protect import Progress, ProtectionJob, pgd_step
 from . import logs, memory, pcm
 from .config import ServerConfig
 from .gen import cloak_service_pb2 as pb
+from .guard import StepGuard
 from .metrics import Metrics
 
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
@@ -299,6 +300,9 @@ class Scheduler:
         self.sec_per_unit: float | None = None
         self.on_state: Callable[[int], None] | None = None  # health updates
         self.memory = memory.MemoryBudget(config.memory_budget_bytes)
+        self.guard = StepGuard()  # cancellation between U-Net blocks, not only between iterations
+        if models is not None:
+            self.guard.install(models)
         metrics.memory_budget.set(self.memory.total)
         self.stats = {"steps": 0, "job_iterations": 0, "max_batch_seen": 0, "succeeded": 0}
         self._stop = False
@@ -339,6 +343,7 @@ class Scheduler:
         return t
 
     def set_models(self, models: Models) -> None:
+        self.guard.install(models)
         with self.cond:
             self.models = models
             if self.serving_state == pb.SERVING_STATE_LOADING:
@@ -389,6 +394,8 @@ class Scheduler:
             self.cond.notify_all()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self.guard.remove()
 
     # --- admission (RPC threads) -----------------------------------------------------------------------
     def reserve(self) -> None:
@@ -552,19 +559,27 @@ class Scheduler:
                                     progress=rec.on_progress, cancel=rec.cancel)
             rec.samples = rec.job.samples  # the job's validated copy is the same audio: keep one
             if rec.config.iterations == 0:  # as cloak.protect does: no PGD, windows finished unperturbed
-                while not rec.job.done:
-                    rec.job.prepare()
-                    rec.job.finish_window()
-        except BundleError as e:
-            self._fail(rec, grpc.StatusCode.FAILED_PRECONDITION, str(e))
-            return
-        except Exception as e:  # noqa: BLE001 - one job's failure must not stop the server
-            self._fail(rec, grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", exc=True)
+                with self.guard.watching([rec]):
+                    while not rec.job.done:
+                        rec.job.prepare()
+                        rec.job.finish_window()
+        except Exception as e:  # noqa: BLE001 - sorted out below
+            if self.guard.tripped or rec.cancel.cancelled:
+                self._end_cancelled(rec)
+                return
+            self._start_failed(rec, e)
             return
         self.metrics.queue_wait.observe(rec.started_at - rec.accepted_at)
         rec.set_started(len(rec.job.plan))
         logs.event("job_started", job_id=rec.id, client=rec.client, windows=len(rec.job.plan),
                    queued_s=round(rec.started_at - rec.accepted_at, 3))
+
+    def _start_failed(self, rec: JobRecord, e: Exception) -> None:
+        """One job's failure to start must not stop the server."""
+        if isinstance(e, BundleError):
+            self._fail(rec, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        else:
+            self._fail(rec, grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", exc=True)
 
     def _tick(self, active: list[JobRecord]) -> None:
         runnable: list[JobRecord] = []
@@ -581,9 +596,13 @@ class Scheduler:
         groups: dict[Any, list[JobRecord]] = {}
         for rec in runnable:
             try:
-                key = rec.job.bucket
+                with self.guard.watching([rec]):  # a window's set-up runs the U-Net pool/repeats times
+                    key = rec.job.bucket
             except Exception as e:  # noqa: BLE001 - e.g. out of memory while preparing a window
-                self._fail(rec, grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", exc=True)
+                if self.guard.tripped:
+                    self._end_cancelled(rec)
+                else:
+                    self._fail(rec, grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", exc=True)
                 continue
             groups.setdefault(key, []).append(rec)
         for recs in groups.values():
@@ -606,8 +625,12 @@ class Scheduler:
     def _step(self, recs: list[JobRecord]) -> None:
         t0 = time.perf_counter()
         try:
-            pgd_step([r.job for r in recs])
+            with self.guard.watching(recs):
+                pgd_step([r.job for r in recs])
         except Exception as e:  # noqa: BLE001
+            if self.guard.tripped:  # all its jobs were cancelled mid-step: the next tick ends them
+                logs.event("step_abandoned", jobs=[r.id for r in recs], seconds=round(time.perf_counter() - t0, 3))
+                return
             if len(recs) > 1:  # maybe the batch was too big (memory): step them one by one
                 logs.event("batch_failed", level=30, jobs=[r.id for r in recs], error=f"{type(e).__name__}: {e}")
                 for r in recs:

@@ -512,3 +512,72 @@ def pcm_upload(h: pb.ProtectHeader):
     from server import pcm
 
     return pcm.validate_header(h, pcm.Limits())
+
+
+# ------------------------------------------------------------------------------ cancellation within a step
+def _slow_settings(**kw) -> pb.ProtectSettings:
+    """Settings whose every PGD iteration takes seconds even on the tiny model (repeats 32)."""
+    return fast_settings(**{"iterations": 3, "repeats": 32, **kw})
+
+
+def _until_progress(call) -> str:
+    for r in call:
+        if r.event.WhichOneof("kind") == "progress":
+            return r.event.job_id
+    raise AssertionError("no progress")
+
+
+def test_cancel_and_drain_stop_a_slow_iteration_within_a_block_not_an_iteration(models):
+    audio = speech(3.0)
+    with running(models, max_batch=1) as srv, channel(srv) as c:
+        s = stub(c)
+        # how long one iteration takes with these settings (measured here, on this machine's load)
+        h, data = header(audio, 16000, _slow_settings(seed=1))
+        events, code, _ = raw_protect(s, messages(h, data), timeout=None)
+        assert code == grpc.StatusCode.OK
+        times = [e.progress.elapsed_seconds for e in events if e.WhichOneof("kind") == "progress"]
+        iteration_s = min(b - a for a, b in zip(times, times[1:], strict=False))
+        assert iteration_s > 1.0, times
+        # Cancel in the middle of an iteration: the job ends long before the iteration would have
+        h, data = header(audio, 16000, _slow_settings(seed=2, iterations=50))
+        call = s.Protect(iter(messages(h, data)))
+        job = _until_progress(call)
+        time.sleep(iteration_s / 4)
+        t0 = time.monotonic()
+        state = s.Cancel(pb.CancelRequest(job_id=job), timeout=30).state
+        cancel_s = time.monotonic() - t0
+        assert state == pb.JOB_STATE_CANCELLED and cancel_s < iteration_s / 2, (cancel_s, iteration_s)
+        with pytest.raises(grpc.RpcError) as ei:
+            list(call)
+        assert ei.value.code() == grpc.StatusCode.CANCELLED
+        # drain with a short timeout while a slow job runs: it returns within the timeout plus a block
+        h, data = header(audio, 16000, _slow_settings(seed=3, iterations=50))
+        call = s.Protect(iter(messages(h, data)))
+        _until_progress(call)
+        time.sleep(iteration_s / 4)
+        t0 = time.monotonic()
+        srv.drain(timeout=0.2)
+        drain_s = time.monotonic() - t0
+        assert drain_s < 0.2 + iteration_s / 2, (drain_s, iteration_s)
+        with pytest.raises(grpc.RpcError) as ei:
+            list(call)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE and "drain timeout" in ei.value.details()
+    print(f"iteration {iteration_s:.2f} s; Cancel answered after {cancel_s:.2f} s, drain(0.2) took {drain_s:.2f} s")
+
+
+def test_a_cancelled_jobs_batch_mate_runs_on(models):
+    audio = speech(1.0)
+    with running(models, max_batch=2) as srv, channel(srv) as c:
+        s = stub(c)
+        h1, d1 = header(audio, 16000, _slow_settings(seed=4, iterations=50))
+        call1 = s.Protect(iter(messages(h1, d1)))
+        job1 = _until_progress(call1)
+        h2, d2 = header(audio, 16000, _slow_settings(seed=5, iterations=2))
+        got: list = []
+        t = threading.Thread(target=lambda: got.append(raw_protect(s, messages(h2, d2), timeout=None)))
+        t.start()
+        wait_for(lambda: srv.scheduler.stats["max_batch_seen"] == 2, timeout=60)
+        assert s.Cancel(pb.CancelRequest(job_id=job1), timeout=30).state == pb.JOB_STATE_CANCELLED
+        t.join(120)
+        events, code, details = got[0]
+        assert code == grpc.StatusCode.OK and kinds(events)[-1] == "done", details
