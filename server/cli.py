@@ -19,7 +19,8 @@ examples:
 
 Logs are JSON lines on stderr (--log-format text for humans), every job event with its job id.
 SIGTERM/SIGINT drains: health turns NOT_SERVING, queued jobs end UNAVAILABLE, running jobs get --drain-timeout
-seconds to finish; a second signal stops at once. Exit codes: 0 clean stop, 2 bad flags, 4 models failed to load.
+seconds to finish (also while the models load); a second signal stops at once. Exit codes: 0 clean stop, 2 bad
+flags, 4 models failed to load. Jobs and results live in memory only: a crash or SIGKILL loses them.
 """
 
 
