@@ -581,3 +581,18 @@ def test_a_cancelled_jobs_batch_mate_runs_on(models):
         t.join(120)
         events, code, details = got[0]
         assert code == grpc.StatusCode.OK and kinds(events)[-1] == "done", details
+
+
+def test_memory_budget_flag_takes_bytes_and_units(capsys):
+    from clients.cli import main
+    from server.config import ServerConfigError, parse_size
+
+    assert parse_size("536870912") == 512 << 20 == parse_size("512MiB") == parse_size("512 mib")
+    assert parse_size("8GiB") == 8 << 30 and parse_size("2GB") == 2_000_000_000 and parse_size("1.5GiB") == 3 << 29
+    for bad in ("", "12XB", "-1GiB", "GiB", "1e9"):
+        with pytest.raises(ServerConfigError, match="not a size"):
+            parse_size(bad)
+    assert main(["serve", "--memory-budget", "lots"]) == 2
+    assert "not a size" in capsys.readouterr().err
+    assert main(["serve", "--memory-budget", "1MiB"]) == 2
+    assert "at least 16MiB" in capsys.readouterr().err

@@ -192,3 +192,36 @@ def test_concurrent_uploads_stay_within_the_memory_budget(tmp_path, corpus):
           f"peak {r['peak_rss'] / 2**20:.0f} MiB")
     assert r["codes"] == ["INVALID_ARGUMENT"] * 4 and "header.frames" in r["details"][0]
     assert r["peak_rss"] <= r["base_rss"] + (1 << 30)
+
+
+def test_sigterm_drain_honours_its_timeout_even_with_slow_iterations(tmp_path, corpus):
+    """--drain-timeout 1 while a job with seconds-long iterations (repeats 32) runs: cloak serve exits 0 within
+    the timeout and a few seconds of shutdown, not after the iteration (19 s against a 5 s timeout before)."""
+    from conftest import make_bundle
+
+    bundle = make_bundle(tmp_path / "bundle")
+    srv = Served(["--listen", "127.0.0.1:0", "--models", str(bundle), "--threads", "1", "--drain-timeout", "1"])
+    try:
+        address = _listening(srv)
+        with channel(address) as c:
+            wait_for(lambda: _try_health(c), timeout=60)
+            s = stub(c)
+            h, data = header(speech(3.0), 16000, fast_settings(iterations=50, repeats=32))
+            call = s.Protect(iter(messages(h, data)))
+            for r in call:
+                if r.event.WhichOneof("kind") == "progress":
+                    iteration_s = r.event.progress.elapsed_seconds
+                    break
+            t0 = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as ei:
+                list(call)
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE and "drain timeout 1 s" in ei.value.details()
+            assert srv.proc.wait(30) == 0
+            took = time.monotonic() - t0
+        print(f"first iteration (with set-up) {iteration_s:.1f} s; SIGTERM to exit {took:.1f} s")
+        assert took < 1 + 3, took
+        srv.reader.join(5)
+        assert srv.first("step_abandoned") is not None and srv.first("stopped") is not None
+    finally:
+        _stop(srv)
