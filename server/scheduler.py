@@ -294,6 +294,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.queue = FairQueue()
         self.active: list[JobRecord] = []
+        self.parked: list[JobRecord] = []  # running jobs paused for another identity's fair share
         self.reserved = 0
         self.jobs: dict[str, JobRecord] = {}
         self.finished: OrderedDict[str, JobRecord] = OrderedDict()
@@ -366,21 +367,21 @@ class Scheduler:
             for rec in waiting:
                 self._end(rec, pb.JOB_STATE_FAILED, grpc.StatusCode.UNAVAILABLE,
                           "the server is shutting down and had not started this job; resubmit it", "shutdown")
-            running = len(self.active)
+            running = len(self.active) + len(self.parked)
             self.cond.notify_all()
         logs.event("draining", queued_ended=len(waiting), running=running, timeout_s=timeout)
         if self.on_state:
             self.on_state(pb.SERVING_STATE_DRAINING)
         end = time.monotonic() + timeout
         with self.cond:
-            while self.active and time.monotonic() < end:
+            while (self.active or self.parked) and time.monotonic() < end:
                 self.cond.wait(min(0.2, max(0.0, end - time.monotonic())))
-            for rec in self.active:
+            for rec in [*self.active, *self.parked]:
                 rec.cancel_status = (grpc.StatusCode.UNAVAILABLE,
                                      f"the server shut down before the job finished (drain timeout {timeout:g} s)")
                 rec.cancel.cancel()
             self.cond.notify_all()
-            while self.active and self._thread.is_alive():
+            while (self.active or self.parked) and self._thread.is_alive():
                 self.cond.wait(0.2)
 
     def stop(self) -> None:
@@ -388,7 +389,7 @@ class Scheduler:
             self._stop = True
             for rec in self.queue.drain():
                 self._end(rec, pb.JOB_STATE_FAILED, grpc.StatusCode.UNAVAILABLE, "the server stopped", "shutdown")
-            for rec in self.active:
+            for rec in [*self.active, *self.parked]:
                 rec.cancel_status = (grpc.StatusCode.UNAVAILABLE, "the server stopped")
                 rec.cancel.cancel()
             self.cond.notify_all()
@@ -512,9 +513,13 @@ class Scheduler:
             with self.cond:
                 self._prune()
                 if self._stop and not self.active:
+                    for rec in list(self.parked):  # paused jobs are cancelled by stop(): end them here
+                        self.parked.remove(rec)
+                        self._end_cancelled(rec)
                     return
                 admitted: list[JobRecord] = []
                 if self.models is not None and not self._stop:
+                    self._rebalance()
                     while len(self.active) < self.cfg.max_batch:
                         rec = self.queue.pop(self._under_share())
                         if rec is None:
@@ -540,16 +545,52 @@ class Scheduler:
                     if not rec.finished:
                         self._fail(rec, grpc.StatusCode.INTERNAL, f"scheduler error: {type(e).__name__}: {e}")
 
-    def _under_share(self) -> Callable[[str], bool]:
-        """Fair share of the running slots: ceil(max_batch / identities with running or waiting jobs) each.
-        Identities below their share start first; one above it gets a free slot only when nobody else waits
-        (running jobs are not pre-empted: it yields its extra slots as its jobs end)."""
+    def _share(self) -> tuple[dict[str, int], int]:
+        """(running slots per identity, the fair share): ceil(max_batch / identities with running, paused or
+        waiting jobs)."""
         counts: dict[str, int] = {}
         for r in self.active:
             counts[r.client] = counts.get(r.client, 0) + 1
-        identities = set(counts) | set(self.queue.clients())
-        share = math.ceil(self.cfg.max_batch / max(1, len(identities)))
+        identities = set(counts) | set(self.queue.clients()) | {r.client for r in self.parked}
+        return counts, math.ceil(self.cfg.max_batch / max(1, len(identities)))
+
+    def _under_share(self) -> Callable[[str], bool]:
+        """Identities below their share start first; one above it gets a free slot only when nobody else
+        waits."""
+        counts, share = self._share()
         return lambda client: counts.get(client, 0) < share
+
+    def _rebalance(self) -> None:
+        """Fair share while others wait (caller holds self.cond): paused jobs that were cancelled end; a paused
+        job resumes when a slot is free and its identity is below its share (or nobody below theirs waits);
+        when every slot is taken and an identity below its share waits, a job of the identity furthest above
+        its share is paused (it keeps its state and memory, and resumes later where it stopped)."""
+        for rec in [r for r in self.parked if r.cancel.cancelled]:
+            self.parked.remove(rec)
+            self._end_cancelled(rec)
+        for rec in list(self.parked):
+            if len(self.active) >= self.cfg.max_batch:
+                break
+            waiting_under = any(self._under_share()(c) for c in self.queue.clients())
+            if self._under_share()(rec.client) or not waiting_under:
+                self.parked.remove(rec)
+                self.active.append(rec)
+                logs.event("job_resumed", job_id=rec.id, client=rec.client)
+        while len(self.active) >= self.cfg.max_batch:
+            counts, share = self._share()
+            if not any(counts.get(c, 0) < share for c in self.queue.clients()):
+                break
+            over = max(counts, key=lambda c: counts[c])
+            if counts[over] <= share:
+                break
+            candidates = [r for r in self.active if r.client == over and r.job is not None and not r.finished]
+            if not candidates:
+                break
+            victim = max(candidates, key=lambda r: r.started_at or 0.0)  # the latest started yields first
+            self.active.remove(victim)
+            self.parked.append(victim)
+            logs.event("job_paused", job_id=victim.id, client=victim.client, share=share,
+                       reason="another identity below its fair share of the running slots waits")
 
     def _start(self, rec: JobRecord) -> None:
         assert self.models is not None and rec.samples is not None
@@ -707,6 +748,8 @@ class Scheduler:
     def _retire(self, rec: JobRecord, outcome: str) -> None:
         if rec in self.active:
             self.active.remove(rec)
+        if rec in self.parked:
+            self.parked.remove(rec)
         self._give_memory(rec, rec.mem - len(rec.result_pcm or b""))  # a kept result holds its bytes
         self.jobs[rec.id] = rec
         self.finished[rec.id] = rec
@@ -761,7 +804,8 @@ class Scheduler:
     # --- views ---------------------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, int]:
         with self.cond:
-            return {"queue_depth": len(self.queue) + self.reserved, "active_jobs": len(self.active)}
+            return {"queue_depth": len(self.queue) + self.reserved,
+                    "active_jobs": len(self.active) + len(self.parked)}
 
 
 def unprotected_warning(linf: float, samples: np.ndarray) -> str:

@@ -433,7 +433,8 @@ def test_named_tokens_own_their_jobs_and_share_running_slots_fairly(models, tmp_
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND
         first = next(iter(s.Attach(pb.AttachRequest(job_id=b), metadata=md["bob"], timeout=5)))
         assert first.event.job_id == b
-        # a running slot frees: bob is below his share (1 of 2), so his job starts, not alice's older one
+        # bob is below his share (1 of 2): his job runs (one of alice's is paused for it), not alice's older
+        # queued one, and stays running when one of alice's ends
         running_a = [j for j in a if state[j] == pb.JOB_STATE_RUNNING]
         queued_a = next(j for j in a if state[j] == pb.JOB_STATE_QUEUED)
         assert s.Cancel(pb.CancelRequest(job_id=running_a[0]), metadata=md["alice"],
@@ -596,3 +597,41 @@ def test_memory_budget_flag_takes_bytes_and_units(capsys):
     assert "not a size" in capsys.readouterr().err
     assert main(["serve", "--memory-budget", "1MiB"]) == 2
     assert "at least 16MiB" in capsys.readouterr().err
+
+
+def test_an_identity_above_its_share_is_paused_while_another_waits(models, tmp_path):
+    tf = _tokens_file(tmp_path, f"alice {ALICE}\nbob {BOB}\n")
+    with running(models, max_batch=2, max_queue=8, tokens_file=str(tf)) as srv, channel(srv) as c:
+        s = stub(c)
+        md = {name: (("authorization", f"Bearer {tok}"),) for name, tok in (("alice", ALICE), ("bob", BOB))}
+
+        def submit(who: str, seed: int) -> str:
+            h, data = header(speech(0.5), 16000, fast_settings(iterations=5000, seed=seed), keep_on_disconnect=True)
+            events, _, _ = raw_protect(s, messages(h, data), metadata=md[who], stop_after="accepted", timeout=None)
+            return events[0].job_id
+
+        a = [submit("alice", i) for i in range(2)]
+        wait_for(lambda: all(srv.scheduler.get(j).iterations_done > 0 for j in a), timeout=30)
+        b = submit("bob", 9)
+        # bob does not wait for one of alice's long jobs to end: her latest one is paused, his starts
+        wait_for(lambda: srv.scheduler.get(b).iterations_done > 0, timeout=30)
+        paused = [r for r in srv.scheduler.parked]
+        assert [r.id for r in paused] == [a[1]] and paused[0].state == pb.JOB_STATE_RUNNING
+        done = paused[0].iterations_done
+        time.sleep(0.5)
+        assert paused[0].iterations_done == done  # not stepped while paused
+        assert s.GetJob(pb.GetJobRequest(job_id=a[1]), metadata=md["alice"], timeout=5).status.state == \
+            pb.JOB_STATE_RUNNING
+        # bob's job ends: alice's paused job resumes where it stopped
+        assert s.Cancel(pb.CancelRequest(job_id=b), metadata=md["bob"], timeout=20).state == pb.JOB_STATE_CANCELLED
+        wait_for(lambda: srv.scheduler.get(a[1]).iterations_done > done, timeout=30)
+        assert not srv.scheduler.parked
+        # a paused job can be cancelled too
+        b2 = submit("bob", 10)
+        wait_for(lambda: [r.id for r in srv.scheduler.parked] == [a[1]], timeout=30)
+        assert s.Cancel(pb.CancelRequest(job_id=a[1]), metadata=md["alice"], timeout=20).state == \
+            pb.JOB_STATE_CANCELLED
+        for j, who in ((a[0], "alice"), (b2, "bob")):
+            s.Cancel(pb.CancelRequest(job_id=j), metadata=md[who], timeout=20)
+        wait_for(lambda: srv.scheduler.snapshot() == {"queue_depth": 0, "active_jobs": 0})
+        assert srv.scheduler.memory.used == 0
