@@ -297,12 +297,13 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
         need = self.sched.memory_estimate(upload)
         budget = self.sched.memory.total
         if need.peak > budget:
-            field = "settings.repeats / settings.window_seconds" if need.dominant == "settings.repeats" else \
-                "header.frames"
+            field = "settings.repeats / settings.source_frames / settings.window_seconds" \
+                if need.dominant == "settings.repeats" else "header.frames"
             self._reject(context, bad, f"{field}: this job would need about {memory.fmt(need.peak)} of memory at "
                          f"its peak (upload {memory.fmt(need.upload)}, protection {memory.fmt(need.job)}, of which "
                          f"the U-Net {memory.fmt(need.unet)}) and this server's --memory-budget is "
-                         f"{memory.fmt(budget)}: send a shorter clip, or use fewer repeats or a shorter window",
+                         f"{memory.fmt(budget)}: send a shorter clip, or use fewer repeats, source frames or a shorter "
+                         "window",
                          "rejected_invalid", peer)
         try:
             self.sched.reserve()
