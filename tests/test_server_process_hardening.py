@@ -225,3 +225,20 @@ def test_sigterm_drain_honours_its_timeout_even_with_slow_iterations(tmp_path, c
         assert srv.first("step_abandoned") is not None and srv.first("stopped") is not None
     finally:
         _stop(srv)
+
+
+@pytest.mark.parametrize("args", [["--seconds", "3", "--window", "3", "--repeats", "2", "--source-frames", "64"],
+                                  ["--seconds", "20", "--rate", "48000", "--channels", "2", "--encoding", "int16",
+                                   "--repeats", "1", "--t-adv", "2", "--source-frames", "32"]])
+def test_memory_estimate_bounds_a_measured_job(tmp_path, corpus, args):
+    """python -m server.memory runs jobs in a fresh process and compares their peak (VmHWM) with the estimate."""
+    import subprocess
+    import sys
+
+    from conftest import make_bundle
+    from test_server_process import ROOT
+
+    bundle = make_bundle(tmp_path / "bundle")
+    r = subprocess.run([sys.executable, "-m", "server.memory", "--models", str(bundle), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "of the estimate" in r.stdout, (r.stdout, r.stderr[-2000:])
