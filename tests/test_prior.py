@@ -106,7 +106,8 @@ def test_checkpoint_with_prior_loads_strict_and_without_prior_gives_none(tmp_pat
     models = load_models(tmp_path / "v2")
     assert models.prior is not None
     (tmp_path / "v1").mkdir()
-    torch.save({"config": dv.config.to_dict(), "state_dict": dv.state_dict(), "meta": {}}, tmp_path / "v1" / "diffvc.pt")
+    torch.save({"config": dv.config.to_dict(), "state_dict": dv.state_dict(), "meta": {}},
+               tmp_path / "v1" / "diffvc.pt")
     assert load_prior(str(tmp_path / "v1" / "diffvc.pt")) is None
     state = prior.state_dict()
     state.pop("post.bias")

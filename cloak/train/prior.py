@@ -33,7 +33,7 @@ import torch
 from ..models.diffvc import DiffVC
 from ..models.prior import PriorConfig, SpeakerPrior
 from ..pitch import contour_stats, f0_contour
-from .mini import MINI_CONFIG, VAL_SPEAKERS, _save, cpu_has_native_bf16, load_items
+from .mini import MINI_CONFIG, VAL_SPEAKERS, _save, cpu_has_native_bf16, load_items, perturb_mean
 from .targets import speaker_stats
 
 log = logging.getLogger("cloak.train.prior")
@@ -50,6 +50,10 @@ class PriorSettings:
     prior_frames: int = 128
     prior_lr: float = 1e-3
     ref_frames: tuple[int, int] = (96, 320)  # reference crop length drawn per batch in this range
+    # random warp of the mel axis of the average-voice mean in prior training (+-mean_warp, vocal-tract length):
+    # in training the mean and the reference come from one speaker, so without it the prior may take the voice from
+    # what is left of the speaker in the mean (per-bin offsets and scales are removed by the normalisation anyway)
+    mean_warp: float = 0.0
     dec_steps: int = 1500
     dec_batch: int = 8
     dec_frames: int = 64
@@ -199,6 +203,8 @@ def train_prior(items: list[dict], feats: list[dict], cache: Path, st: PriorSett
     while step < st.prior_steps and time.time() - t0 < budget_s:
         ref_frames = batches.rng.randrange(*st.ref_frames)
         b, spk_names = batches.sample(st.prior_batch, st.prior_frames, ref_frames)
+        if st.mean_warp:
+            b = _warp_means(b, st.mean_warp, batches.rng)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.bf16):
             losses = _prior_loss(prior, b, torch.tensor([spk_f0[s] for s in spk_names]))
         loss = losses["mel"] + 0.5 * losses["f0"]
@@ -219,6 +225,14 @@ def train_prior(items: list[dict], feats: list[dict], cache: Path, st: PriorSett
             _save(ckpt_path, {"prior": prior.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                               "step": step, "rng": batches.rng.getstate(), "torch_rng": torch.get_rng_state(),
                               "config": prior.config.to_dict()})
+
+
+def _warp_means(b: dict[str, torch.Tensor], max_warp: float, rng: random.Random) -> dict[str, torch.Tensor]:
+    """Warp each crop's mean along the mel axis; its normalisation statistics are then taken from the warped crop."""
+    means = torch.stack([perturb_mean(mu, m, rng, max_warp=max_warp, max_gain=0.0)
+                         for mu, m in zip(b["mean"], b["mask"], strict=True)])
+    src_mean, src_std = SpeakerPrior._voiced_stats(means, means.mean(1, keepdim=True), b["mask"])
+    return b | {"mean": means, "src_mean": src_mean, "src_std": src_std}
 
 
 @torch.no_grad()
@@ -340,13 +354,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hours", type=float, default=2.0, help="wall-time budget of this run")
     p.add_argument("--prior-steps", type=int, default=PriorSettings.prior_steps)
     p.add_argument("--dec-steps", type=int, default=PriorSettings.dec_steps)
+    p.add_argument("--mean-warp", type=float, default=PriorSettings.mean_warp)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="exported checkpoint (default CACHE/cloak-mini.pt)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
-    st = PriorSettings(prior_steps=a.prior_steps, dec_steps=a.dec_steps, bf16=cpu_has_native_bf16())
+    st = PriorSettings(prior_steps=a.prior_steps, dec_steps=a.dec_steps, mean_warp=a.mean_warp,
+                       bf16=cpu_has_native_bf16())
     cache = Path(a.cache)
     t_end = time.time() + a.hours * 3600
     items = load_items(Path(a.items) if a.items else cache / "data.pt", 0)
