@@ -9,11 +9,13 @@ The estimate (bytes), measured with VmHWM on CPU (`python -m server.memory` prin
     job          float32 samples (4 per sample) + 64 per sample for the protected output, the checks and the
                  wire encoding (72 for int16, whose on-grid rounding works in float64) + 48 per sample of the
                  22.05 kHz mono mix (delta, cross-fade weights, resampling)
-    U-Net        CPU only (on CUDA it is device memory): for the embedded model (dec_dim 32), in MiB,
-                 1.25 x (72 + 35.4 W + 15.7 R W + 1.02 R S + 0.047 P S + 3.64 R), W window seconds, R repeats,
-                 S source_frames, P the pool of draws (2 max(repeats, t_adv), a multiple of t_adv): a least-squares
-                 fit over 20 runs (repeats 1-16, t_adv 2-8, source_frames 32-512, windows 2-20 s) whose largest
-                 under-estimate was 19 %; scaled by dec_dim / 32 for other models. Jobs batched together add up.
+    U-Net        on CPU (on CUDA only the constant: the rest is device memory), for the embedded model
+                 (dec_dim 32), in MiB: 1.25 x (72 + 35.4 W + 15.7 R W + 1.02 R S + 0.047 P S + 3.64 R), W window
+                 seconds, R repeats, S source_frames, P the pool of draws (2 max(repeats, t_adv), a multiple of
+                 t_adv): a least-squares fit over 20 runs (repeats 1-16, t_adv 2-8, source_frames 32-512,
+                 windows 2-20 s) whose largest under-estimate was 19 %; all but the constant scaled by
+                 dec_dim / 32 for other models, and by 0 on CUDA (the constant is host-side overhead). Jobs
+                 batched together add up.
 The peak is the larger of the upload and the job; the budget is that of the whole server.
 """
 
@@ -60,8 +62,8 @@ def estimate(up: pcm.Upload, unet_scale: float = 1.0) -> Estimate:
     w = min(n22, window) / DIFFVC_RATE
     p = pool_size(cfg.repeats, cfg.t_adv)
     r, sf = cfg.repeats, cfg.source_frames
-    unet = int(unet_scale * UNET_MARGIN * MIB * (72 + 35.4 * w + 15.7 * r * w + 1.02 * r * sf + 0.047 * p * sf
-                                                 + 3.64 * r))
+    unet = int(UNET_MARGIN * MIB * (72 + unet_scale * (35.4 * w + 15.7 * r * w + 1.02 * r * sf + 0.047 * p * sf
+                                                       + 3.64 * r)))
     out = PER_SAMPLE_OUT_INT16 if up.encoding == pcm.pb.SAMPLE_ENCODING_INT16 else PER_SAMPLE_OUT
     data = 4 * samples + out * samples + PER_SAMPLE_22K * n22
     upload = up.nbytes + 4 * samples

@@ -461,7 +461,7 @@ def test_memory_budget_refuses_what_never_fits_and_defers_what_does_not_fit_now(
     from clients.remote import _retry_after
     from server import memory
 
-    budget = 200 << 20
+    budget = 300 << 20
     h, data = header(speech(0.5), 16000, fast_settings(iterations=1))
     with running(models, memory_budget=budget, upload_idle_timeout=2.0, max_results=4) as srv, channel(srv) as c:
         s = stub(c)
@@ -474,7 +474,7 @@ def test_memory_budget_refuses_what_never_fits_and_defers_what_does_not_fit_now(
         big.sample_rate, big.channels, big.frames = 48000, 8, 48000 * 120
         events, code, details = raw_protect(s, [pb.ProtectRequest(header=big)])
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("header.frames") and not events
-        assert "--memory-budget is 200.0 MiB" in details
+        assert "--memory-budget is 300.0 MiB" in details
         many = pb.ProtectHeader()
         many.CopyFrom(h)
         many.settings.repeats = 64
