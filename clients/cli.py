@@ -359,8 +359,9 @@ def _add_common_model_args(p: argparse.ArgumentParser, device: bool = True) -> N
         p.add_argument("--device", type=_device_arg, metavar="cpu|cuda",
                        help="where to run: cpu, cuda, cuda:N or auto (default: auto = cuda when available)")
         p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                       help="U-Net arithmetic: auto = bf16 autocast on CUDA (perturbation kept in fp32), "
-                            "fp32 on CPU (default auto)")
+                       help="U-Net arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 (AMX or "
+                            "AVX512-BF16), fp32 elsewhere; the perturbation stays fp32 (default auto; `cloak info` "
+                            "says which is used and why)")
     p.add_argument("--config", metavar="FILE",
                    help=f"settings file, JSON or TOML (default: {default_config_path()} if it exists)")
 
@@ -1176,6 +1177,7 @@ def collect_info(config: str | None = None) -> dict[str, Any]:
     env_models = os.environ.get(ENV_MODELS) or None
     cfg = config_file_in_use(config)
     return {
+        "precision": _precision_info(cfg),
         "versions": {"voicecloak": cloak.__version__, "voicecloak_dist": dist_version, "torch": torch.__version__,
                      "numpy": np.__version__, "soundfile": sf.__version__, "libsndfile": sf.__libsndfile_version__,
                      "python": platform.python_version()},
@@ -1192,6 +1194,25 @@ def collect_info(config: str | None = None) -> dict[str, Any]:
     }
 
 
+def _precision_info(cfg: Path | None) -> dict[str, Any]:
+    """The U-Net arithmetic a protection here would use with the settings file's device and precision (or auto)."""
+    import torch
+
+    from cloak.bundle import precision_choice
+    from cloak.cpu import cpu_bf16_flags, cpu_cores, cpu_model
+
+    out: dict[str, Any] = {"cpu_model": cpu_model(), "cpu_cores": cpu_cores(),
+                           "cpu_native_bf16": list(cpu_bf16_flags())}
+    try:
+        values = load_config_file(cfg) if cfg is not None and cfg.is_file() else {}
+        setting = str(values.get("precision") or "auto")
+        device = resolve_device(values.get("device") if isinstance(values.get("device"), str) else None)
+        used, why = precision_choice(setting, torch.device(device))
+    except (ConfigError, ValueError) as e:
+        return {**out, "setting": None, "device": None, "used": None, "reason": f"settings unusable: {e}"}
+    return {**out, "setting": setting, "device": device, "used": used, "reason": why}
+
+
 def run_info(args: argparse.Namespace) -> int:
     info = collect_info(args.config)
     if args.json:
@@ -1203,6 +1224,9 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"cuda: {'yes' if d['cuda'] else 'no'}" + (f" (CUDA {d['cuda_version']}: {', '.join(d['cuda_devices'])})"
                                                     if d["cuda"] else "") + f"; cpu threads: {d['cpu_threads']}")
     print(f"models: {m['default']} (from {m['source']}{'' if m['exists'] else ', MISSING'})")
+    pr = info["precision"]
+    print(f"cpu: {pr['cpu_model']}, {pr['cpu_cores']} core(s)")
+    print(f"precision: {pr['used'] or '?'} on {pr['device'] or '?'} ({pr['reason']}; --precision fp32|bf16 overrides)")
     print(f"config file: {info['config_file'] or 'none'} (default location {info['default_config_file']})")
     return EXIT_OK
 

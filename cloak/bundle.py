@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .bank import VoiceBank
+from .cpu import cpu_bf16_flags
 from .models.diffvc import DiffVC, DiffVCConfig, load_diffvc
 from .models.diffvc_decoder import RefBlock
 from .models.ge2e import GE2E
@@ -66,6 +67,7 @@ class Models:
     vocoder_dir: Path | None = None
     info: list[ModelInfo] = field(default_factory=list)
     precision: str = "fp32"  # "bf16": the U-Net runs under bf16 autocast (the perturbation stays fp32)
+    precision_reason: str = ""  # why (see `precision_choice`), for `cloak info` and the logs
     compiled: bool = False
     prior: SpeakerPrior | None = None  # cloak-mini-2's speaker-adaptive prior; None: the official average voice
 
@@ -155,14 +157,32 @@ def find_diffvc(bundle: Path | None) -> Path:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto = bf16 on a CUDA device that supports it (tensor cores), fp32 elsewhere: CPUs without native bf16
-    emulate it ~20x slower, and fp32 keeps CPU runs bit-reproducible."""
+def precision_choice(precision: str, device: torch.device) -> tuple[str, str]:
+    """(the U-Net's arithmetic, why): auto = bf16 autocast on a CUDA device that supports it (tensor cores) and on
+    a CPU with native bf16 (AMX or AVX512-BF16: 1.3-1.45x per PGD iteration on a 2-core Xeon), fp32 elsewhere (CPUs
+    without native bf16 emulate it ~20x slower). The perturbation, its projection and the losses' reductions stay
+    fp32 either way. Same machine, same seed: bit-identical results in both precisions; across machines `auto` may
+    choose differently, so pass fp32 where results must match between CPUs with and without native bf16."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if device.type == "cpu":
+        flags = cpu_bf16_flags()
+        native = bool(flags)
+        why = (f"this CPU has native bf16 ({', '.join(flags)})" if native else
+               "this CPU has no native bf16 (no AMX or AVX512-BF16: emulated bf16 is ~20x slower than fp32)")
+    elif device.type == "cuda":
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        why = "this CUDA device supports bf16" if native else "this CUDA device has no bf16 support"
+    else:
+        native, why = False, f"bf16 autocast is not used on {device.type} devices"
     if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return precision, f"asked for {precision}; {why}"
+    return ("bf16" if native else "fp32"), f"auto: {why}"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The arithmetic `precision` ("auto", "fp32", "bf16") means on `device`; see `precision_choice`."""
+    return precision_choice(precision, device)[0]
 
 
 def prepare_diffvc(diffvc: DiffVC, device: str | torch.device = "cpu", compile: bool = False) -> DiffVC:
@@ -189,7 +209,7 @@ def load_models(bundle: str | Path | None = None, device: str | torch.device = "
     compile: torch.compile the U-Net (pays off for long jobs and servers; the first step of each window
     length is slow while it compiles)."""
     device = torch.device(device)
-    precision = resolve_precision(precision, device)
+    precision, precision_reason = precision_choice(precision, device)
     root = resolve_bundle(bundle)
     if root is not None:
         _verify_sums(root)
@@ -231,4 +251,5 @@ def load_models(bundle: str | Path | None = None, device: str | torch.device = "
         info.append(ModelInfo("ecapa", str(root / "ecapa"), ecapa.checksum, str(device), "float32"))
     vocoder = root / "vocoder" if root is not None and (root / "vocoder").is_dir() else None
     return Models(diffvc=diffvc, ge2e=ge2e, bank=VoiceBank(), device=device, wavlm=wavlm, ecapa=ecapa,
-                  vocoder_dir=vocoder, info=info, precision=precision, compiled=compile, prior=prior)
+                  vocoder_dir=vocoder, info=info, precision=precision,
+                  precision_reason=precision_reason, compiled=compile, prior=prior)

@@ -38,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", metavar="DIR", help="model bundle directory (default: $CLOAK_MODELS, else embedded)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
-                   help="U-Net arithmetic during protection: auto = bf16 autocast on CUDA (the perturbation stays "
-                        "fp32), fp32 elsewhere (default auto)")
+                   help="U-Net arithmetic during protection: auto = bf16 autocast on CUDA and on CPUs with native "
+                        "bf16 (AMX or AVX512-BF16; the perturbation stays fp32), fp32 elsewhere (default auto)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net: faster steps after a one-off compile per window length")
     p.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",

@@ -23,7 +23,7 @@ class ServerConfig:
     listen: str = DEFAULT_LISTEN
     models: str | None = None  # bundle directory; None = CLOAK_MODELS, then the embedded cloak-mini
     device: str = "cpu"
-    precision: str = "auto"  # U-Net arithmetic: auto (bf16 on CUDA), fp32, bf16
+    precision: str = "auto"  # U-Net arithmetic: auto (bf16 on CUDA and native-bf16 CPUs), fp32, bf16
     compile: bool = False  # torch.compile the U-Net
     max_queue: int = 16  # jobs waiting (uploading or queued) beyond the running ones
     max_batch: int = 4  # jobs stepped together; 1 = no cross-job batching

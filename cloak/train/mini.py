@@ -29,6 +29,7 @@ import soundfile as sf
 import torch
 
 from ..corpus import list_speakers
+from ..cpu import cpu_has_native_bf16
 from ..features import DIFFVC_RATE, GE2E_RATE, diffvc_mel, resample
 from ..models.diffvc import DiffVC, DiffVCConfig
 from ..models.ge2e import GE2E, volume_gain
@@ -78,14 +79,6 @@ class TrainSettings:
     spectrum_weight_cap: float = 300.0
     ema_decay: float = 0.999  # exported decoder = exponential moving average of the weights (steadier samples)
     bf16: bool = False  # only where the CPU has native bf16 (AMX / AVX512-BF16); emulated bf16 is ~20x slower
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def _seed_all(seed: int) -> None:
