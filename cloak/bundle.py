@@ -28,7 +28,7 @@ import torch
 
 from .bank import VoiceBank
 from .cpu import cpu_bf16_flags
-from .models.diffvc import DiffVC, DiffVCConfig, load_diffvc
+from .models.diffvc import DiffVC, DiffVCConfig, diffvc_from_checkpoint, read_checkpoint
 from .models.diffvc_decoder import RefBlock
 from .models.ge2e import GE2E
 from .models.prior import SpeakerPrior, load_prior
@@ -220,15 +220,19 @@ def load_models(bundle: str | Path | None = None, device: str | torch.device = "
             config = DiffVCConfig.from_dict(json.loads((root / "diffvc.json").read_text()))
         except (ValueError, TypeError) as e:
             raise BundleError(f"{root / 'diffvc.json'}: {e}") from e
-    try:
-        diffvc = load_diffvc(str(dv_path), config, device)
+    try:  # the checkpoint file is read once, for the DiffVC and (when it has one) its speaker-adaptive prior
+        checkpoint = read_checkpoint(str(dv_path))
+        diffvc = diffvc_from_checkpoint(checkpoint, config, device, source=str(dv_path))
     except ValueError as e:
         raise BundleError(f"{e} (sha256 {sha256_file(dv_path)})") from e
     prepare_diffvc(diffvc, device, compile)
-    try:
-        prior = load_prior(str(dv_path), device)
-    except ValueError as e:
-        raise BundleError(str(e)) from e
+    prior = None
+    if isinstance(checkpoint, dict) and "prior_state_dict" in checkpoint:  # else load_prior would say None
+        try:
+            prior = load_prior(str(dv_path), device)  # reads the file again: load_prior takes a path
+        except ValueError as e:
+            raise BundleError(str(e)) from e
+    del checkpoint
     ge2e_path = root / "ge2e.pt" if root is not None and (root / "ge2e.pt").is_file() else None
     ge2e = GE2E.load(ge2e_path, device)
     info = [ModelInfo("diffvc" if root else "diffvc:cloak-mini", str(dv_path), sha256_file(dv_path), str(device),

@@ -104,3 +104,20 @@ def test_bf16_protection_has_the_effect_of_fp32_on_the_embedded_model():
     assert drop32 > 0.1, drop32  # the settings do move the identity, so the comparison means something
     assert abs(drop16 - drop32) <= 0.15 * drop32 + 0.02, (drop32, drop16)
     assert np.array_equal(protect(x, sr, m16, cfg).audio, r16.audio)
+
+
+def test_load_models_reads_the_diffvc_checkpoint_once(tiny_bundle, monkeypatch):
+    """Start-up: the DiffVC checkpoint file is read (deserialised) once, not once for DiffVC and again for the
+    prior; the loaded model is the checkpoint's exactly."""
+    reads: list[str] = []
+    real = torch.load
+
+    def counting(f, *a, **k):  # type: ignore[no-untyped-def]
+        reads.append(str(f))
+        return real(f, *a, **k)
+
+    monkeypatch.setattr(torch, "load", counting)
+    m = load_models(tiny_bundle)
+    assert reads.count(str(tiny_bundle / "diffvc.pt")) == 1, reads
+    saved = real(tiny_bundle / "diffvc.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, m.diffvc.state_dict()[k]) for k, v in saved.items())

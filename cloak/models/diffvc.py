@@ -140,12 +140,18 @@ class DiffVC(nn.Module):
         return self.decoder.loss_t(x, x_mask, mean, x_ref, mean_ref, c, t, generator=generator)
 
 
-def load_diffvc(path: str, config: DiffVCConfig | None = None, device: str | torch.device = "cpu") -> DiffVC:
-    """Load an official DiffVC state dict (`vc_*_wodyn.pt`) or a cloak checkpoint ({'config', 'state_dict'})."""
+def read_checkpoint(path: str) -> object:
+    """A DiffVC checkpoint file as torch.load gives it (weights only, on the CPU); ValueError if unreadable."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - reported with the path
         raise ValueError(f"{path}: not a loadable DiffVC checkpoint ({e})") from e
+
+
+def diffvc_from_checkpoint(obj: object, config: DiffVCConfig | None = None, device: str | torch.device = "cpu",
+                           source: str = "checkpoint") -> DiffVC:
+    """The DiffVC of a loaded checkpoint (`read_checkpoint`): an official state dict or a cloak checkpoint
+    ({'config', 'state_dict'}), loaded strictly; `source` names it in errors."""
     if isinstance(obj, dict) and "state_dict" in obj and "config" in obj:
         config = DiffVCConfig.from_dict(obj["config"]) if config is None else config
         state = obj["state_dict"]
@@ -154,7 +160,12 @@ def load_diffvc(path: str, config: DiffVCConfig | None = None, device: str | tor
         config = OFFICIAL_CONFIG if config is None else config
     model = DiffVC.from_config(config)
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: state dict does not match DiffVC config {config}: {e}") from e
+        model.load_state_dict(state, strict=True)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(f"{source}: state dict does not match DiffVC config {config}: {e}") from e
     return model.to(device).eval()
+
+
+def load_diffvc(path: str, config: DiffVCConfig | None = None, device: str | torch.device = "cpu") -> DiffVC:
+    """Load an official DiffVC state dict (`vc_*_wodyn.pt`) or a cloak checkpoint ({'config', 'state_dict'})."""
+    return diffvc_from_checkpoint(read_checkpoint(path), config, device, source=path)
