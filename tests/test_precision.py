@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +123,60 @@ def test_load_models_reads_the_diffvc_checkpoint_once(tiny_bundle, monkeypatch):
     assert reads.count(str(tiny_bundle / "diffvc.pt")) == 1, reads
     saved = real(tiny_bundle / "diffvc.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(v, m.diffvc.state_dict()[k]) for k, v in saved.items())
+
+
+def _stat_samples(monkeypatch, busy_fraction: float, ncpu: int = 2) -> None:
+    """/proc/stat as two samples 1000 jiffies apart with `busy_fraction` of them busy."""
+    samples = iter([(0, 0), (int(1000 * busy_fraction), 1000)])
+    monkeypatch.setattr(cpu, "_proc_stat_cpu", lambda: next(samples))
+    monkeypatch.setattr(cpu.os, "cpu_count", lambda: ncpu)
+    monkeypatch.setattr(cpu, "cpu_cores", lambda: ncpu)
+
+
+@pytest.mark.parametrize(("busy", "threads"), [(0.02, 2), (0.35, 1), (0.5, 1), (1.0, 1)])
+def test_default_threads_leave_busy_cores_alone(monkeypatch, busy, threads):
+    """Idle 2-core machine: both cores; another process on one core (a fraction 0.35-0.5 of all CPU time): 1."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    _stat_samples(monkeypatch, busy)
+    assert cpu.default_threads(sample_s=0) == threads
+
+
+def test_default_threads_defer_to_omp_num_threads_and_to_unreadable_load(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu.default_threads(sample_s=0) is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(cpu, "_proc_stat_cpu", lambda: None)
+    assert cpu.default_threads(sample_s=0) is None
+    assert cpu._proc_stat_cpu is not None and cpu.busy_cores(0) is None
+
+
+def test_real_proc_stat_is_read():
+    if not Path("/proc/stat").is_file():
+        pytest.skip("no /proc/stat here")
+    busy = cpu.busy_cores(0.05)
+    assert busy is not None and 0 <= busy <= (os.cpu_count() or 1) + 1e-6
+
+
+def test_cloak_protect_runs_with_the_default_thread_count(tiny_bundle, tmp_path, monkeypatch):
+    """Without --threads (and without OMP_NUM_THREADS) `cloak protect` sets torch to default_threads() before models
+    load; --threads N wins."""
+    import clients.cli as cli
+    from cloak.bundle import BundleError
+
+    seen: list[int] = []
+
+    def record(settings):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        raise BundleError("stop here")
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "default_threads", lambda sample_s=0.1: 2 if before == 1 else 1)
+    monkeypatch.setattr(cli, "_load_models", record)
+    try:
+        args = ["protect", "--sample", "-o", str(tmp_path / "a.wav"), "--device", "cpu", "--models", str(tiny_bundle)]
+        assert cli.main(args) == 4
+        assert cli.main([*args, "--threads", "1"]) == 4
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2 if before == 1 else 1, 1]
