@@ -108,6 +108,12 @@ def test_bf16_protection_has_the_effect_of_fp32_on_the_embedded_model():
     assert np.array_equal(protect(x, sr, m16, cfg).audio, r16.audio)
 
 
+if not cpu.cpu_has_native_bf16():  # emulated bf16 is ~20x slower: a long test there (-m slow); test_protect's
+    # tiny-model bf16 test covers the arithmetic on every CPU
+    test_bf16_protection_has_the_effect_of_fp32_on_the_embedded_model = pytest.mark.slow(
+        test_bf16_protection_has_the_effect_of_fp32_on_the_embedded_model)
+
+
 def test_load_models_reads_the_diffvc_checkpoint_once(tiny_bundle, monkeypatch):
     """Start-up: the DiffVC checkpoint file is read (deserialised) once, not once for DiffVC and again for the
     prior; the loaded model is the checkpoint's exactly."""
