@@ -47,6 +47,10 @@ class PriorConfig:
     f0_grid: int = 480  # harmonic templates tabulated on a log-F0 grid between f0_lo and f0_hi
     f0_lo: float = 40.0
     f0_hi: float = 800.0
+    # vocal-tract length: at conversion the source's mean is scaled along frequency by
+    # (reference F0 / source F0) ** vtl_exponent (formants scale with F0 only loosely: ~1.17x between typical male
+    # and female voices for ~1.9x in F0, i.e. ~0.25); 0 turns it off
+    vtl_exponent: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +87,27 @@ def harmonic_templates(f0s: np.ndarray, sigma_hz: float = 18.0) -> np.ndarray:
         mel = np.log(basis @ comb + 1e-2)
         out[j] = mel - mel.mean()
     return out.astype(np.float32)
+
+
+def _bin_frequencies() -> np.ndarray:
+    """Centre frequency (Hz) of each of DiffVC's 80 mel bins."""
+    from ..features import _hz_to_mel_slaney, _mel_to_hz_slaney
+
+    pts = np.linspace(_hz_to_mel_slaney(np.array(0.0)), _hz_to_mel_slaney(np.array(DIFFVC_FMAX)), DIFFVC_MELS + 2)
+    return _mel_to_hz_slaney(pts[1:-1])
+
+
+def scale_frequency(mel: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Scale a log-mel (B, 80, T) along frequency by `factor` (B,) (> 1 moves formants up): output bin i takes the
+    input at frequency f_i / factor, linearly interpolated between bin centres; differentiable in `factor`."""
+    freqs = torch.from_numpy(_bin_frequencies()).to(mel)
+    src = freqs[None, :] / factor[:, None]  # (B, 80): where each output bin reads the input
+    pos = torch.searchsorted(freqs, src.detach().contiguous()).clamp(1, len(freqs) - 1)  # upper neighbour
+    lo_f, hi_f = freqs[pos - 1], freqs[pos]
+    w = ((src - lo_f) / (hi_f - lo_f)).clamp(0.0, 1.0)[..., None]  # (B, 80, 1)
+    idx_lo = (pos - 1)[..., None].expand(-1, -1, mel.shape[-1])
+    idx_hi = pos[..., None].expand(-1, -1, mel.shape[-1])
+    return mel.gather(1, idx_lo) * (1 - w) + mel.gather(1, idx_hi) * w
 
 
 def shift_contour(log_f0: torch.Tensor, voiced: torch.Tensor, target_mean: torch.Tensor,
@@ -213,8 +238,14 @@ class SpeakerPrior(nn.Module):
 
     def convert_mean(self, mean_avg: torch.Tensor, mask: torch.Tensor, src_log_f0: torch.Tensor,
                      src_voiced: torch.Tensor, spk: SpeakerCondition) -> torch.Tensor:
-        """The conversion-time mean: the source's contour moved to the reference's predicted pitch statistics."""
+        """The conversion-time mean: the source's contour moved to the reference's predicted pitch statistics and,
+        with `vtl_exponent`, its spectrum scaled along frequency toward the reference's vocal-tract length."""
         log_f0 = shift_contour(src_log_f0, src_voiced, spk.f0_mean, spk.f0_std)
+        k = self.config.vtl_exponent
+        if k:
+            w = src_voiced.to(src_log_f0.dtype)
+            src_mean = (src_log_f0 * w).sum((1, 2)) / w.sum((1, 2)).clamp_min(1.0)
+            mean_avg = scale_frequency(mean_avg, torch.exp(k * (spk.f0_mean - src_mean)).clamp(0.7, 1.4)) * mask
         return self(mean_avg, mask, log_f0, src_voiced, spk)
 
 

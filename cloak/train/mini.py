@@ -134,7 +134,7 @@ def pack(items: list[dict], out: Path) -> Path:
         q = ((it["mel"].clamp(PACK_LO, PACK_HI) - PACK_LO) / (PACK_HI - PACK_LO) * 255).round().to(torch.uint8)
         rows.append({k: it[k] for k in ("speaker", "sex", "split")} | {"mel_q": q, "dvec": it["dvec"].half()})
     out.parent.mkdir(parents=True, exist_ok=True)
-    _save(out, {"format": "cloak-mini-pack-1", "lo": PACK_LO, "hi": PACK_HI, "items": rows})
+    save_atomic(out, {"format": "cloak-mini-pack-1", "lo": PACK_LO, "hi": PACK_HI, "items": rows})
     return out
 
 
@@ -165,10 +165,26 @@ def _crop(mel: torch.Tensor, frames: int, rng: random.Random) -> tuple[torch.Ten
     return torch.cat([mel, pad], 1), 0, t
 
 
-def _save(path: Path, obj: dict) -> None:
+def save_atomic(path: Path, obj: dict) -> None:
+    """torch.save through a temporary file and a rename: a stopped run never leaves a torn checkpoint."""
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def optimizer_step(module: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor,
+                   ema: dict[str, torch.Tensor] | None = None, ema_decay: float = 0.999) -> None:
+    """One training step: backward, gradient clipping at norm 1, the optimiser's step, then the exponential moving
+    average of the weights (floating-point entries of the state dict) when `ema` is given."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step()
+    if ema is not None:
+        with torch.no_grad():
+            for k, v in module.state_dict().items():
+                if v.is_floating_point():
+                    ema[k].lerp_(v, 1.0 - ema_decay)
 
 
 def _rng_state() -> dict:
@@ -239,7 +255,7 @@ def train_encoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
             logf.write(json.dumps({"step": step, "loss": loss.item(), "t": time.time() - t0}) + "\n")
             logf.flush()
         if step % st.ckpt_every == 0 or step == st.enc_steps:
-            _save(ckpt_path, {"encoder": enc.state_dict(), "opt": opt.state_dict(), "step": step,
+            save_atomic(ckpt_path, {"encoder": enc.state_dict(), "opt": opt.state_dict(), "step": step,
                               "rng": _rng_state(), "crop_rng": rng.getstate(), "glob_mean": glob_mean,
                               "glob_std": glob_std})
             log.info("encoder step %d loss %.4f", step, loss.item())
@@ -257,7 +273,7 @@ def compute_means(items: list[dict], cache: Path, device: str = "cpu") -> Path:
         for it in items:
             mel = it["mel"][None].to(device)
             means.append(model.average_voice(mel, torch.ones(1, 1, mel.shape[-1], device=device))[0].cpu().clone())
-    _save(out, {"means": means})
+    save_atomic(out, {"means": means})
     return out
 
 
@@ -373,14 +389,7 @@ def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
                                             spectrum_weight=sw)
             else:  # the official t ~ U(0, 1)
                 loss = model.compute_loss(x * m, m, mu, ref * m, mref, c, generator=gen)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for k, v in dec.state_dict().items():
-                if v.is_floating_point():
-                    ema[k].lerp_(v, 1.0 - st.ema_decay)
+        optimizer_step(dec, opt, loss, ema, st.ema_decay)
         step += 1
         run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
         if step % 25 == 0:
@@ -388,7 +397,7 @@ def train_decoder(items: list[dict], cache: Path, st: TrainSettings, budget_s: f
                                    "t": time.time() - t0}) + "\n")
             logf.flush()
         if step % st.ckpt_every == 0 or step == st.dec_steps:
-            _save(ckpt_path, {"decoder": dec.state_dict(), "opt": opt.state_dict(), "step": step,
+            save_atomic(ckpt_path, {"decoder": dec.state_dict(), "opt": opt.state_dict(), "step": step,
                               "gen": gen.get_state(), "ema": ema, "rng": rng.getstate()})
             log.info("decoder step %d loss %.4f (avg %.4f)", step, loss.item(), run_loss)
 
@@ -405,7 +414,7 @@ def export(cache: Path, out: Path, st: TrainSettings, ema: bool = True) -> Path:
             "settings": asdict(st), "val_speakers": list(VAL_SPEAKERS)}
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    _save(out, {"config": MINI_CONFIG.to_dict(), "state_dict": state, "meta": meta})
+    save_atomic(out, {"config": MINI_CONFIG.to_dict(), "state_dict": state, "meta": meta})
     return out
 
 
@@ -456,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         ck = torch.load(a.init, weights_only=True)
         model = DiffVC.from_config(MINI_CONFIG)
         model.load_state_dict(ck["state_dict"])
-        _save(cache / "encoder.pt", {"encoder": model.encoder.state_dict(), "opt": None, "step": st.enc_steps,
+        save_atomic(cache / "encoder.pt", {"encoder": model.encoder.state_dict(), "opt": None, "step": st.enc_steps,
                                      "rng": _rng_state()})
     if a.stage in ("encoder", "all"):
         train_encoder(items, cache, st, t_end - time.time())

@@ -33,7 +33,7 @@ import torch
 from ..models.diffvc import DiffVC
 from ..models.prior import PriorConfig, SpeakerPrior
 from ..pitch import contour_stats, f0_contour
-from .mini import MINI_CONFIG, VAL_SPEAKERS, _save, cpu_has_native_bf16, load_items, perturb_mean
+from .mini import MINI_CONFIG, VAL_SPEAKERS, cpu_has_native_bf16, load_items, optimizer_step, perturb_mean, save_atomic
 from .targets import speaker_stats
 
 log = logging.getLogger("cloak.train.prior")
@@ -54,6 +54,9 @@ class PriorSettings:
     # in training the mean and the reference come from one speaker, so without it the prior may take the voice from
     # what is left of the speaker in the mean (per-bin offsets and scales are removed by the normalisation anyway)
     mean_warp: float = 0.0
+    # written into the exported prior_config: the conversion-time vocal-tract scaling (see PriorConfig); 0.25 is the
+    # a-priori value (formants ~1.17x for F0 ~1.9x between typical male and female voices), not fitted to any speaker
+    vtl_exponent: float = 0.25
     dec_steps: int = 1500
     dec_batch: int = 8
     dec_frames: int = 64
@@ -88,7 +91,7 @@ def compute_features(items: list[dict], cache: Path, init: Path) -> Path:
                      "voiced": torch.from_numpy(voiced[a:]).clone()})
         if k % 100 == 0:
             log.info("features %d/%d", k, len(items))
-    _save(out, {"rows": rows})
+    save_atomic(out, {"rows": rows})
     return out
 
 
@@ -207,11 +210,7 @@ def train_prior(items: list[dict], feats: list[dict], cache: Path, st: PriorSett
             b = _warp_means(b, st.mean_warp, batches.rng)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.bf16):
             losses = _prior_loss(prior, b, torch.tensor([spk_f0[s] for s in spk_names]))
-        loss = losses["mel"] + 0.5 * losses["f0"]
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
-        opt.step()
+        optimizer_step(prior, opt, losses["mel"] + 0.5 * losses["f0"])
         sched.step()
         step += 1
         if step % 25 == 0:
@@ -222,7 +221,7 @@ def train_prior(items: list[dict], feats: list[dict], cache: Path, st: PriorSett
             logf.flush()
             log.info("prior %s", rec)
         if step % st.ckpt_every == 0 or step == st.prior_steps:
-            _save(ckpt_path, {"prior": prior.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            save_atomic(ckpt_path, {"prior": prior.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                               "step": step, "rng": batches.rng.getstate(), "torch_rng": torch.get_rng_state(),
                               "config": prior.config.to_dict()})
 
@@ -302,21 +301,14 @@ def train_decoder(items: list[dict], feats: list[dict], cache: Path, st: PriorSe
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.bf16):
             loss = model.compute_loss(b["mel"] * b["mask"], b["mask"], mu, ref * rmask, mean_ref, b["c"],
                                       generator=gen)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for k, v in dec.state_dict().items():
-                if v.is_floating_point():
-                    ema[k].lerp_(v, 1.0 - st.ema_decay)
+        optimizer_step(dec, opt, loss, ema, st.ema_decay)
         step += 1
         run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
         if step % 25 == 0:
             logf.write(json.dumps({"step": step, "loss": loss.item(), "avg": run, "t": time.time() - t0}) + "\n")
             logf.flush()
         if step % st.ckpt_every == 0 or step == st.dec_steps:
-            _save(ckpt_path, {"decoder": dec.state_dict(), "opt": opt.state_dict(), "step": step,
+            save_atomic(ckpt_path, {"decoder": dec.state_dict(), "opt": opt.state_dict(), "step": step,
                               "gen": gen.get_state(), "ema": ema, "rng": batches.rng.getstate()})
             log.info("decoder step %d loss %.4f (avg %.4f)", step, loss.item(), run)
 
@@ -339,8 +331,9 @@ def export(cache: Path, out: Path, st: PriorSettings, init: Path, use_ema: bool 
                                  "val_speakers": list(VAL_SPEAKERS)}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    _save(out, {"format": FORMAT, "config": MINI_CONFIG.to_dict(), "state_dict": state,
-                "prior_config": prior_ck["config"], "prior_state_dict": prior_ck["prior"], "meta": meta})
+    prior_config = PriorConfig.from_dict(prior_ck["config"]).to_dict() | {"vtl_exponent": st.vtl_exponent}
+    save_atomic(out, {"format": FORMAT, "config": MINI_CONFIG.to_dict(), "state_dict": state,
+                "prior_config": prior_config, "prior_state_dict": prior_ck["prior"], "meta": meta})
     return out
 
 
