@@ -31,7 +31,7 @@ from .cpu import cpu_bf16_flags
 from .models.diffvc import DiffVC, DiffVCConfig, diffvc_from_checkpoint, read_checkpoint
 from .models.diffvc_decoder import RefBlock
 from .models.ge2e import GE2E
-from .models.prior import SpeakerPrior, load_prior
+from .models.prior import SpeakerPrior, prior_from_checkpoint
 
 EMBEDDED_DIR = Path(__file__).parent / "data"
 EMBEDDED_DIFFVC = EMBEDDED_DIR / "cloak-mini.pt"
@@ -226,12 +226,10 @@ def load_models(bundle: str | Path | None = None, device: str | torch.device = "
     except ValueError as e:
         raise BundleError(f"{e} (sha256 {sha256_file(dv_path)})") from e
     prepare_diffvc(diffvc, device, compile)
-    prior = None
-    if isinstance(checkpoint, dict) and "prior_state_dict" in checkpoint:  # else load_prior would say None
-        try:
-            prior = load_prior(str(dv_path), device)  # reads the file again: load_prior takes a path
-        except ValueError as e:
-            raise BundleError(str(e)) from e
+    try:
+        prior = prior_from_checkpoint(checkpoint, device, source=str(dv_path))
+    except ValueError as e:
+        raise BundleError(str(e)) from e
     del checkpoint
     ge2e_path = root / "ge2e.pt" if root is not None and (root / "ge2e.pt").is_file() else None
     ge2e = GE2E.load(ge2e_path, device)

@@ -249,15 +249,20 @@ class SpeakerPrior(nn.Module):
         return self(mean_avg, mask, log_f0, src_voiced, spk)
 
 
-def load_prior(path: str, device: str | torch.device = "cpu") -> SpeakerPrior | None:
-    """The speaker-adaptive prior of a cloak-mini-2 checkpoint (strict load); None for checkpoints without one
-    (official DiffVC state dicts, version-1 cloak checkpoints)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+def prior_from_checkpoint(obj: object, device: str | torch.device = "cpu",
+                          source: str = "checkpoint") -> SpeakerPrior | None:
+    """The speaker-adaptive prior of a loaded cloak-mini-2 checkpoint (strict load); None for checkpoints without
+    one (official DiffVC state dicts, version-1 cloak checkpoints). `source` names it in errors."""
     if not (isinstance(obj, dict) and "prior_state_dict" in obj):
         return None
     try:
         prior = SpeakerPrior(PriorConfig.from_dict(obj["prior_config"]))
         prior.load_state_dict(obj["prior_state_dict"], strict=True)
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise ValueError(f"{path}: speaker-adaptive prior does not load: {e}") from e
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"{source}: speaker-adaptive prior does not load: {e}") from e
     return prior.to(device).eval().requires_grad_(False)
+
+
+def load_prior(path: str, device: str | torch.device = "cpu") -> SpeakerPrior | None:
+    """`prior_from_checkpoint` of a checkpoint file."""
+    return prior_from_checkpoint(torch.load(path, map_location="cpu", weights_only=True), device, source=path)
