@@ -159,3 +159,19 @@ def test_every_loss_term_reaches_the_reference_through_the_shipped_model(embedde
                       ref_mel, torch.ones(1, 1, ref_mel.shape[-1]), reference_embedding(embedded, ref))
     grad, = torch.autograd.grad(mean.pow(2).sum(), ref)
     assert grad.abs().sum() > 0
+
+
+def test_scale_frequency_moves_a_formant_by_the_factor_and_is_differentiable():
+    from cloak.models.prior import _bin_frequencies, scale_frequency
+
+    freqs = _bin_frequencies()
+    mel = torch.full((1, 80, 3), -5.0)
+    i = int(np.argmin(np.abs(freqs - 1000.0)))
+    mel[0, i] = 0.0  # a peak near 1 kHz
+    factor = torch.tensor([1.2], requires_grad=True)
+    out = scale_frequency(mel, factor)
+    peak = float((torch.softmax(out[0, :, 0] * 10, 0) * torch.from_numpy(freqs).float()).sum())
+    assert peak == pytest.approx(1.2 * freqs[i], rel=0.04)
+    assert torch.equal(scale_frequency(mel, torch.ones(1)), mel)  # factor 1 is the identity
+    out.sum().backward()
+    assert factor.grad is not None and factor.grad.abs() > 0
