@@ -94,7 +94,9 @@ def test_server_info(ch, server, models):
     info = stub(ch).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
     assert info.state == pb.SERVING_STATE_SERVING and info.version
     assert [m.name for m in info.models] == [i.name for i in models.info]
-    assert all(len(m.sha256) == 64 and m.device == "cpu" and m.dtype == "float32" for m in info.models)
+    # dtype is what the resident models report: fp32, or bf16 autocast where the CPU has native bf16
+    assert all(len(m.sha256) == 64 and m.device == "cpu" and m.dtype == i.dtype and m.dtype.startswith("float32")
+               for m, i in zip(info.models, models.info, strict=True))
     assert info.limits.max_batch == 4 and info.limits.max_queue == 16 and info.limits.max_seconds == 600
     assert info.limits.max_chunk_bytes == 1 << 20 and info.limits.max_channels == 8
     assert info.defaults.iterations == 50 and info.defaults.epsilon == pytest.approx(0.002)
