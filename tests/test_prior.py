@@ -175,3 +175,15 @@ def test_scale_frequency_moves_a_formant_by_the_factor_and_is_differentiable():
     assert torch.equal(scale_frequency(mel, torch.ones(1)), mel)  # factor 1 is the identity
     out.sum().backward()
     assert factor.grad is not None and factor.grad.abs() > 0
+
+
+def test_early_stop_clones_through_the_prior(embedded, corpus):
+    """The engine's attacker check converts its surrogate source with the source's F0 contour, as `cloak clone`."""
+    pytest.importorskip("onnxruntime")
+    from cloak import ProtectConfig, protect
+
+    x, sr = corpus_clip("vctk_p226", 0, seconds=2.0)
+    r = protect(x, sr, models=embedded, config=ProtectConfig(seed=0, iterations=1, early_stop=True,
+                                                                 early_stop_every=1))
+    (check,), = r.metrics["early_stop_checks"]
+    assert -1 <= check["identity"] <= 1 and 1.0 <= check["ovrl"] <= 5.0
