@@ -484,9 +484,10 @@ def register_protect(subparsers: Any) -> argparse.ArgumentParser:
                    help="show what would be written and the effective settings; load no models, write nothing")
     _add_common_model_args(p)
     p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads for torch (default: the cores other processes leave free now, at least 1, "
-                        "or $OMP_NUM_THREADS when set; on 2 cores, 2 threads were 1.6x faster than 1 when idle and "
-                        "8-10x slower when another process kept one core busy)")
+                   help="CPU threads for torch (default in fp32: the cores other processes leave free now, at least "
+                        "1; in bf16, whose results depend on the thread count: all cores; $OMP_NUM_THREADS when set; "
+                        "on 2 cores, 2 threads were 1.6x faster than 1 when idle and 8-10x slower when another "
+                        "process kept one core busy: pass --threads 1 on a busy machine)")
     _add_config_flags(p)
     remote = p.add_argument_group("remote mode (protect on a `cloak serve` server; models/device flags are ignored)")
     remote.add_argument("--server", metavar="TARGET",
@@ -880,9 +881,16 @@ def run_protect(args: argparse.Namespace) -> int:
 
     threads = args.threads
     if threads is None and settings.device == "cpu" and remote is None:
+        import torch
+
+        from cloak.bundle import resolve_precision
         from cloak.cpu import default_threads
 
-        threads = default_threads()  # a busy core must not get a thread (see --help)
+        # fp32 results do not depend on the thread count, so a busy core need not get a thread (see --help); bf16
+        # autocast results do (oneDNN splits its bf16 reductions by thread), so there the count stays fixed (all
+        # cores) and the same command and seed keep giving the same bytes
+        if resolve_precision(settings.precision, torch.device("cpu")) == "fp32":
+            threads = default_threads()
     if threads is not None:
         import torch
 
@@ -1218,6 +1226,8 @@ def _precision_info(cfg: Path | None) -> dict[str, Any]:
         used, why = precision_choice(setting, torch.device(device))
     except (ConfigError, ValueError) as e:
         return {**out, "setting": None, "device": None, "used": None, "reason": f"settings unusable: {e}"}
+    if used == "bf16" and device == "cpu":  # bf16 results depend on the thread count: it stays fixed there
+        out["protect_threads"] = torch.get_num_threads()
     return {**out, "setting": setting, "device": device, "used": used, "reason": why}
 
 
@@ -1234,7 +1244,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"models: {m['default']} (from {m['source']}{'' if m['exists'] else ', MISSING'})")
     pr = info["precision"]
     print(f"cpu: {pr['cpu_model']}, {pr['cpu_cores']} core(s); a protection started now would use "
-          f"{pr['protect_threads']} thread(s) (the cores other processes leave free; --threads N overrides)")
+          f"{pr['protect_threads']} thread(s) (fp32: the cores other processes leave free; bf16: all cores; "
+          "--threads N overrides)")
     print(f"precision: {pr['used'] or '?'} on {pr['device'] or '?'} ({pr['reason']}; --precision fp32|bf16 overrides)")
     print(f"config file: {info['config_file'] or 'none'} (default location {info['default_config_file']})")
     return EXIT_OK

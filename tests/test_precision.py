@@ -164,8 +164,8 @@ def test_real_proc_stat_is_read():
 
 
 def test_cloak_protect_runs_with_the_default_thread_count(tiny_bundle, tmp_path, monkeypatch):
-    """Without --threads (and without OMP_NUM_THREADS) `cloak protect` sets torch to default_threads() before models
-    load; --threads N wins."""
+    """Without --threads (and without OMP_NUM_THREADS) an fp32 `cloak protect` sets torch to default_threads() before
+    models load; --threads N wins; bf16 keeps the thread count fixed (its results depend on it)."""
     import clients.cli as cli
     from cloak.bundle import BundleError
 
@@ -181,8 +181,10 @@ def test_cloak_protect_runs_with_the_default_thread_count(tiny_bundle, tmp_path,
     monkeypatch.setattr(cli, "_load_models", record)
     try:
         args = ["protect", "--sample", "-o", str(tmp_path / "a.wav"), "--device", "cpu", "--models", str(tiny_bundle)]
-        assert cli.main(args) == 4
-        assert cli.main([*args, "--threads", "1"]) == 4
+        assert cli.main([*args, "--precision", "fp32"]) == 4
+        assert cli.main([*args, "--precision", "fp32", "--threads", "1"]) == 4
+        torch.set_num_threads(before)
+        assert cli.main([*args, "--precision", "bf16"]) == 4
     finally:
         torch.set_num_threads(before)
-    assert seen == [2 if before == 1 else 1, 1]
+    assert seen == [2 if before == 1 else 1, 1, before]
