@@ -83,24 +83,19 @@ class VoiceBank:
     def source_crop(self, speaker: BankSpeaker, frames: int, gen: torch.Generator, pitch: bool = True) -> SourceCrop:
         """A `frames`-long crop of the speaker's concatenated utterances (tiled if they are shorter), with its
         F0 contour when `pitch` (measured on first use of the speaker). One draw from `gen` either way."""
-        mel = torch.cat(speaker.mels, 1)
-        if not pitch:
-            while mel.shape[1] < frames:
-                mel = torch.cat([mel, mel], 1)
-            start = int(torch.randint(0, mel.shape[1] - frames + 1, (1,), generator=gen))
-            return SourceCrop(mel[:, start:start + frames])
-        if speaker.pitch is None:
+        if pitch and speaker.pitch is None:
             contours = [f0_contour(w.numpy(), DIFFVC_RATE, m.shape[1]) for w, m in zip(speaker.waves_22k,
                                                                                          speaker.mels, strict=True)]
             speaker.pitch = (torch.from_numpy(np.concatenate([c[0] for c in contours])),
-                             torch.from_numpy(np.concatenate([c[1] for c in contours])))
-        log_f0, voiced = speaker.pitch
-        while mel.shape[1] < frames:
-            mel, log_f0, voiced = torch.cat([mel, mel], 1), torch.cat([log_f0, log_f0]), torch.cat([voiced, voiced])
-        start = int(torch.randint(0, mel.shape[1] - frames + 1, (1,), generator=gen))
-        sl = slice(start, start + frames)
-        return SourceCrop(mel[:, sl], log_f0[None, sl], voiced[None, sl].float())
-
+                             torch.from_numpy(np.concatenate([c[1] for c in contours])).float())
+        # mel bins and the two contours as rows of one (82, T) array, tiled and cropped together
+        rows = torch.cat([torch.cat(speaker.mels, 1), *([torch.stack(speaker.pitch)] if pitch else [])], 0)
+        while rows.shape[1] < frames:
+            rows = torch.cat([rows, rows], 1)
+        start = int(torch.randint(0, rows.shape[1] - frames + 1, (1,), generator=gen))
+        crop = rows[:, start:start + frames]
+        n = speaker.mels[0].shape[0]
+        return SourceCrop(crop[:n], crop[n:n + 1], crop[n + 1:]) if pitch else SourceCrop(crop)
 
 CENTROIDS_FILE = Path(__file__).parent / "data" / "ge2e_centroids.npz"
 

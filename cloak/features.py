@@ -61,6 +61,12 @@ def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: fl
     return (weights * enorm[:, None]).astype(np.float32)
 
 
+def mel_centre_frequencies(n_mels: int = DIFFVC_MELS, fmax: float = DIFFVC_FMAX, fmin: float = 0.0) -> np.ndarray:
+    """Centre frequency (Hz) of each bin of a Slaney mel filterbank (`mel_filterbank` with the same arguments)."""
+    pts = np.linspace(_hz_to_mel_slaney(np.array(fmin)), _hz_to_mel_slaney(np.array(fmax)), n_mels + 2)
+    return _mel_to_hz_slaney(pts[1:-1])
+
+
 @lru_cache(maxsize=16)
 def _diffvc_consts(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     basis = torch.from_numpy(mel_filterbank(DIFFVC_RATE, DIFFVC_NFFT, DIFFVC_MELS, 0.0, DIFFVC_FMAX))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..features import DIFFVC_FMAX, DIFFVC_MELS, DIFFVC_NFFT, DIFFVC_RATE, mel_filterbank
+from ..features import DIFFVC_FMAX, DIFFVC_MELS, DIFFVC_NFFT, DIFFVC_RATE, mel_centre_frequencies, mel_filterbank
 from .diffvc_encoder import LayerNorm, Mish
 
 LOG_FLOOR = math.log(1e-5)
@@ -89,18 +89,10 @@ def harmonic_templates(f0s: np.ndarray, sigma_hz: float = 18.0) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _bin_frequencies() -> np.ndarray:
-    """Centre frequency (Hz) of each of DiffVC's 80 mel bins."""
-    from ..features import _hz_to_mel_slaney, _mel_to_hz_slaney
-
-    pts = np.linspace(_hz_to_mel_slaney(np.array(0.0)), _hz_to_mel_slaney(np.array(DIFFVC_FMAX)), DIFFVC_MELS + 2)
-    return _mel_to_hz_slaney(pts[1:-1])
-
-
 def scale_frequency(mel: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Scale a log-mel (B, 80, T) along frequency by `factor` (B,) (> 1 moves formants up): output bin i takes the
     input at frequency f_i / factor, linearly interpolated between bin centres; differentiable in `factor`."""
-    freqs = torch.from_numpy(_bin_frequencies()).to(mel)
+    freqs = torch.from_numpy(mel_centre_frequencies()).to(mel)
     src = freqs[None, :] / factor[:, None]  # (B, 80): where each output bin reads the input
     pos = torch.searchsorted(freqs, src.detach().contiguous()).clamp(1, len(freqs) - 1)  # upper neighbour
     lo_f, hi_f = freqs[pos - 1], freqs[pos]

@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--items", default=None, help="prepared data (data.pt or a pack); default CACHE/data.pt")
     p.add_argument("--stage", choices=["features", "prior", "decoder", "export", "all"], default="all")
     p.add_argument("--init", default=str(EMBEDDED), help="cloak-mini checkpoint whose encoder and decoder to start "
-                   "from (a version-1 checkpoint: the DiffVC part)")
+                   "from (its DiffVC part; default: the shipped one, i.e. fine-tuning continues from version 2; "
+                   "the recipe as measured started from version 1, `git show 7ca221f:cloak/data/cloak-mini.pt`)")
     p.add_argument("--hours", type=float, default=2.0, help="wall-time budget of this run")
     p.add_argument("--prior-steps", type=int, default=PriorSettings.prior_steps)
     p.add_argument("--dec-steps", type=int, default=PriorSettings.dec_steps)
