@@ -32,10 +32,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from cloak import Progress  # noqa: E402
 from cloak.bundle import Models, load_models  # noqa: E402
 from cloak.config import ProtectConfig  # noqa: E402
 from cloak.cpu import cpu_bf16_flags, cpu_cores, cpu_model  # noqa: E402
-from cloak.protect import Progress, ProtectionJob, run_jobs  # noqa: E402
+from cloak.protect import ProtectionJob, run_jobs  # noqa: E402
 from cloak.sample import sample_path  # noqa: E402
 
 PAPER_ITERATIONS = 50

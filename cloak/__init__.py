@@ -3,7 +3,8 @@
 from .audio import AudioError, read_audio, write_audio
 from .bundle import BundleError, Models, load_models
 from .config import ConfigError, ProtectConfig
-from .protect import Cancelled, CancelToken, Progress, ProtectResult, protect
+from .jobs import Cancelled, CancelToken, Progress, ProtectResult
+from .protect import protect
 
 __version__ = "0.1.0"
 

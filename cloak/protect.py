@@ -15,9 +15,7 @@ How formats are treated
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +25,9 @@ import torch
 from .audio import fit_to_budget, validate_samples
 from .bundle import BundleError, Models
 from .config import LOSS_NAMES, ProtectConfig
+from .early_stop import AttackerCheck, unavailable_reason
 from .features import DIFFVC_HOP, DIFFVC_RATE, GE2E_RATE, diffvc_mel, resample
+from .jobs import Cancelled, CancelToken, Progress, ProgressFn, ProtectResult
 from .losses import context_log_probs, context_loss, identity_loss, score_loss, semantic_loss, summed_context
 from .models.diffvc_decoder import ScoreInternals
 from .models.ge2e import volume_gain
@@ -35,50 +35,6 @@ from .pitch import DEFAULT_LOG_F0
 
 # Changes whenever the same settings would give a different perturbation (caches of protected audio key on it).
 ENGINE_VERSION = "2: L_score as the score's RMS"
-
-
-class Cancelled(RuntimeError):
-    """The job was cancelled through its cancel token."""
-
-
-class CancelToken:
-    """Thread-safe cancel flag, checked once per PGD iteration."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
-
-@dataclass(frozen=True)
-class Progress:
-    window: int
-    windows: int
-    iteration: int
-    iterations: int
-    losses: dict[str, float]
-    elapsed_s: float
-    eta_s: float
-
-    @property
-    def fraction(self) -> float:
-        done = self.window * self.iterations + self.iteration
-        return done / max(1, self.windows * self.iterations)
-
-
-@dataclass
-class ProtectResult:
-    audio: np.ndarray
-    sample_rate: int
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-ProgressFn = Callable[[Progress], None]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,8 +339,6 @@ class ProtectionJob:
         self.models = models
         self.samples = validate_samples(audio, sample_rate, name="input audio")
         if self.cfg.early_stop:
-            from .early_stop import unavailable_reason
-
             reason = unavailable_reason(models.vocoder_dir)
             if reason is not None:
                 raise BundleError(reason)
@@ -407,7 +361,7 @@ class ProtectionJob:
         self.first_idx = torch.zeros(0, dtype=torch.long)
         self.per_window: list[dict[str, Any]] = []
         self.history: list[dict[str, torch.Tensor]] = []
-        self.check: Any = None  # the window's early-stop AttackerCheck, built at its first check
+        self.check: AttackerCheck | None = None  # the window's early-stop check, built at its first check
         self.checks: list[dict[str, Any]] = []
 
     @property
@@ -462,8 +416,6 @@ class ProtectionJob:
         cfg = self.cfg
         if not cfg.early_stop or self.iteration % cfg.early_stop_every:
             return False
-        from .early_stop import AttackerCheck
-
         attack = self.prepare()
         if self.check is None:
             self.check = AttackerCheck(self.models, cfg, attack.x, attack.sources[0])

@@ -26,10 +26,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cloak import BundleError, CancelToken
+from cloak import BundleError, CancelToken, Progress
 from cloak.bundle import Models
 from cloak.features import DIFFVC_HOP, DIFFVC_RATE
-from cloak.protect import Progress, ProtectionJob, pgd_step
+from cloak.protect import ProtectionJob, pgd_step
 
 from . import logs, memory, pcm
 from .config import ServerConfig

@@ -420,7 +420,7 @@ def test_module_entry_point_subprocess() -> None:
 def _fake_engine(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """No models: `cloak.protect` adds a fixed +-EPS pattern (the budget's very edge, where rounding to the nearest
     PCM step would break the bound). Returns the list that records every protect call."""
-    from cloak.protect import ProtectResult
+    from cloak import ProtectResult
 
     calls: list[str] = []
 

@@ -310,9 +310,8 @@ def test_losses_ablation_protects_anew_and_reuses_the_clean_clones(evaluate_main
 
 
 def test_cancelled_run_raises_and_writes_no_report(tmp_path, two_speakers):
-    from cloak import CancelToken, load_models
+    from cloak import Cancelled, CancelToken, load_models
     from cloak.evaluate import EvalSettings, evaluate
-    from cloak.protect import Cancelled
 
     models = load_models(make_bundle(tmp_path / "bundle", tame=True))
     token = CancelToken()

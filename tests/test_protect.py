@@ -193,13 +193,13 @@ def test_early_stop_ends_windows_when_the_attacker_check_passes(tiny_models):
 
 
 def test_early_stop_without_dnsmos_is_refused_before_any_work(tiny_models, monkeypatch):
-    import cloak.evaluate.metrics as metrics
+    import cloak.models.dnsmos as dnsmos
     from cloak.bundle import BundleError
 
     def missing():
         raise FileNotFoundError("DNSMOS needs the ONNX models shipped in the 'speechmos' package")
 
-    monkeypatch.setattr(metrics, "dnsmos_model_paths", missing)
+    monkeypatch.setattr(dnsmos, "dnsmos_model_paths", missing)
     x, sr = corpus_clip("librispeech_1998", 0, seconds=1.0)
     with pytest.raises(BundleError, match="early_stop needs DNSMOS"):
         ProtectionJob(x, sr, tiny_models, ProtectConfig(**FAST, early_stop=True))

@@ -47,8 +47,9 @@ from ..audio import read_audio, to_mono, write_audio
 from ..bundle import BundleError, Models
 from ..config import ProtectConfig
 from ..corpus import Speaker, list_speakers
+from ..jobs import Cancelled, CancelToken
 from ..models.ecapa import ECAPA_THRESHOLD  # the paper's ASV acceptance threshold (ECAPA-TDNN cosine)
-from ..protect import ENGINE_VERSION, Cancelled, CancelToken
+from ..protect import ENGINE_VERSION
 from . import metrics as M
 from .transforms import get_transforms
 

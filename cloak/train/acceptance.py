@@ -69,7 +69,7 @@ def clone_pair_scores(models: Models, src_file: Path, ref_file: Path, enroll_src
 
 def run(models: Models, corpus: Path = CORPUS, pairs_per_speaker_pair: int = 2, steps: int = 30) -> dict:
     try:
-        from ..evaluate.metrics import DNSMOS
+        from ..models.dnsmos import DNSMOS
 
         dnsmos: Any = DNSMOS()
     except (ImportError, FileNotFoundError):  # speechmos / onnxruntime not installed: no naturalness figure
