@@ -34,6 +34,7 @@ from ..models.diffvc import DiffVC
 from ..models.prior import PriorConfig, SpeakerPrior
 from ..pitch import contour_stats, f0_contour
 from .mini import MINI_CONFIG, VAL_SPEAKERS, cpu_has_native_bf16, load_items, optimizer_step, perturb_mean, save_atomic
+from .rooms import random_room
 from .targets import speaker_stats
 
 log = logging.getLogger("cloak.train.prior")
@@ -54,6 +55,10 @@ class PriorSettings:
     # in training the mean and the reference come from one speaker, so without it the prior may take the voice from
     # what is left of the speaker in the mean (per-bin offsets and scales are removed by the normalisation anyway)
     mean_warp: float = 0.0
+    # share of source crops whose mel passes through a simulated room / noise floor before the encoder (target and
+    # condition stay as recorded), so the prior learns to take the recording conditions from the reference
+    # (`cloak.train.rooms`, where the measurement that motivates it is)
+    source_rooms: float = 0.0
     # written into the exported prior_config: the conversion-time vocal-tract scaling (see PriorConfig); 0.25 is the
     # a-priori value (formants ~1.17x for F0 ~1.9x between typical male and female voices), not fitted to any speaker
     vtl_exponent: float = 0.25
@@ -169,7 +174,31 @@ def _prior_loss(prior: SpeakerPrior, b: dict[str, torch.Tensor], f0_targets: tor
     return {"mel": mel_loss, "f0": f0_loss, "base": base_loss.detach()}
 
 
-def train_prior(items: list[dict], feats: list[dict], cache: Path, st: PriorSettings, budget_s: float) -> None:
+def _encoder(init: Path) -> DiffVC:
+    model = DiffVC.from_config(MINI_CONFIG)
+    model.load_state_dict(torch.load(init, weights_only=True)["state_dict"])
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _room_means(b: dict[str, torch.Tensor], share: float, rng: random.Random, model: DiffVC) -> dict[str, torch.Tensor]:
+    """Re-encode a random `share` of the crops from their mel through a simulated room (`cloak.train.rooms`); the
+    normalisation statistics of those crops are then their own (as for a conversion of that recording)."""
+    pick = [i for i in range(b["mel"].shape[0]) if rng.random() < share]
+    if not pick:
+        return b
+    mels = torch.stack([random_room(b["mel"][i], b["mask"][i], rng) for i in pick])
+    masks = b["mask"][pick]
+    means = model.average_voice(mels, masks) * masks
+    m, s = SpeakerPrior._voiced_stats(means, means.mean(1, keepdim=True), masks)
+    out = {k: b[k].clone() for k in ("mean", "src_mean", "src_std")}
+    out["mean"][pick], out["src_mean"][pick], out["src_std"][pick] = means, m, s
+    return b | out
+
+
+def train_prior(items: list[dict], feats: list[dict], cache: Path, st: PriorSettings, budget_s: float,
+                init: Path, prior_init: Path | None = None) -> None:
+    """`prior_init`: a cloak-mini-2 checkpoint whose prior to start from (fine-tuning) instead of a fresh one."""
     ckpt_path = cache / "prior.pt"
     train_items = [it for it in items if it["split"] == "train"]
     by_spk: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -181,6 +210,9 @@ def train_prior(items: list[dict], feats: list[dict], cache: Path, st: PriorSett
     prior = SpeakerPrior(PriorConfig())
     prior.avg_mean.copy_(torch.stack([m for m, _ in stats.values()]).mean(0))
     prior.avg_std.copy_(torch.stack([s for _, s in stats.values()]).mean(0))
+    if prior_init is not None:
+        prior.load_state_dict(torch.load(prior_init, weights_only=True)["prior_state_dict"])
+    encoder = _encoder(init) if st.source_rooms else None
     opt = torch.optim.Adam(prior.parameters(), lr=st.prior_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, st.prior_steps)
                                                                                 / st.prior_steps)))
@@ -206,6 +238,8 @@ def train_prior(items: list[dict], feats: list[dict], cache: Path, st: PriorSett
     while step < st.prior_steps and time.time() - t0 < budget_s:
         ref_frames = batches.rng.randrange(*st.ref_frames)
         b, spk_names = batches.sample(st.prior_batch, st.prior_frames, ref_frames)
+        if encoder is not None:
+            b = _room_means(b, st.source_rooms, batches.rng, encoder)
         if st.mean_warp:
             b = _warp_means(b, st.mean_warp, batches.rng)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.bf16):
@@ -293,6 +327,8 @@ def train_decoder(items: list[dict], feats: list[dict], cache: Path, st: PriorSe
     while step < st.dec_steps and time.time() - t0 < budget_s:
         ref_frames = batches.rng.randrange(*st.ref_frames)
         b, _ = batches.sample(st.dec_batch, st.dec_frames, ref_frames)
+        if st.source_rooms:
+            b = _room_means(b, st.source_rooms, batches.rng, model)
         with torch.no_grad():
             spk = prior.condition(b["c"], b["ref_mel"], b["ref_mask"])
             mu = prior(b["mean"], b["mask"], b["log_f0"], b["voiced"], spk, (b["src_mean"], b["src_std"]))
@@ -349,6 +385,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prior-steps", type=int, default=PriorSettings.prior_steps)
     p.add_argument("--dec-steps", type=int, default=PriorSettings.dec_steps)
     p.add_argument("--mean-warp", type=float, default=PriorSettings.mean_warp)
+    p.add_argument("--source-rooms", type=float, default=PriorSettings.source_rooms,
+                   help="share of source crops put through a simulated room before the encoder (0 = off)")
+    p.add_argument("--prior-init", default=None, help="a cloak-mini-2 checkpoint whose prior to fine-tune from")
+    p.add_argument("--prior-lr", type=float, default=PriorSettings.prior_lr)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="exported checkpoint (default CACHE/cloak-mini.pt)")
     a = p.parse_args(argv)
@@ -356,14 +396,15 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     st = PriorSettings(prior_steps=a.prior_steps, dec_steps=a.dec_steps, mean_warp=a.mean_warp,
-                       bf16=cpu_has_native_bf16())
+                       source_rooms=a.source_rooms, prior_lr=a.prior_lr, bf16=cpu_has_native_bf16())
     cache = Path(a.cache)
     t_end = time.time() + a.hours * 3600
     items = load_items(Path(a.items) if a.items else cache / "data.pt", 0)
     init = Path(a.init)
     feats = torch.load(compute_features(items, cache, init), weights_only=False)["rows"]
     if a.stage in ("prior", "all"):
-        train_prior(items, feats, cache, st, t_end - time.time())
+        train_prior(items, feats, cache, st, t_end - time.time(), init,
+                    Path(a.prior_init) if a.prior_init else None)
     if a.stage in ("decoder", "all"):
         train_decoder(items, feats, cache, st, t_end - time.time(), init)
     if a.stage in ("export", "all"):
