@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from .files import replace_atomically
+
 __all__ = [
     "MAX_CHANNELS",
     "MAX_SAMPLE_RATE",
@@ -395,52 +397,18 @@ def write_audio(
         data = np.asarray(samples)  # float32 cannot hold every DOUBLE / 32-bit value: quantize from float64
     payload = _encode(data, sub, name)
 
-    tmp = _create_partial(parent, target.name)
-    try:
+    def write(tmp: Path) -> None:
         try:
             _sf_write(tmp, payload, int(sample_rate), sub, fmt)
         except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
             if isinstance(exc, AudioError):
                 raise
             raise AudioError(f"{name}: could not write {fmt}/{sub} at {sample_rate} Hz: {exc}") from exc
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(parent)
-    return target
 
-
-def _create_partial(parent: Path, base: str) -> Path:
-    """Create (exclusively, permissions as for a normal new file) an empty hidden temp file in ``parent``."""
-    for _ in range(100):
-        tmp = parent / f".{base}.{secrets.token_hex(4)}.partial"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise AudioError(f"{parent / base}: could not create a temporary file in {parent}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable where the OS allows it (best effort)."""
-    if os.name != "posix":
-        return
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        return replace_atomically(target, write)
+    except FileExistsError as exc:  # no free name for the partial file
+        raise AudioError(str(exc)) from exc
 
 
 PCM_BITS = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "PCM_24": 24, "PCM_32": 32}

@@ -32,6 +32,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloak.files import write_text_atomic
+
 from .macro import MACRO_FILENAME, MACRO_TEXT
 
 __all__ = [
@@ -236,10 +238,7 @@ def enable_script_pipe(cfg: Path, module: Path | None, report: InstallReport) ->
         return
     if cfg.is_file():
         report.backups.append(_backup(cfg))
-    cfg.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.with_name(cfg.name + ".voicecloak-tmp")
-    tmp.write_text(new, encoding="utf-8", errors="surrogateescape")
-    os.replace(tmp, cfg)
+    write_text_atomic(cfg, new, errors="surrogateescape")
     report.changed = True
 
 

@@ -18,11 +18,11 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -31,6 +31,7 @@ import torch
 from ..corpus import list_speakers
 from ..cpu import cpu_has_native_bf16
 from ..features import DIFFVC_RATE, GE2E_RATE, diffvc_mel, resample
+from ..files import replace_atomically
 from ..models.diffvc import DiffVC, DiffVCConfig
 from ..models.ge2e import GE2E, volume_gain
 from .targets import average_voice_target, speaker_stats
@@ -118,8 +119,7 @@ def prepare(roots: list[Path], cache: Path) -> Path:
                                   "mel": mel[:, a:b].clone(), "dvec": dvec.clone()})
             log.info("prepared %s (%d files)", spk.name, len(spk.files))
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save(items, out.with_suffix(".tmp"))
-    os.replace(out.with_suffix(".tmp"), out)
+    save_atomic(out, items)
     return out
 
 
@@ -165,11 +165,9 @@ def _crop(mel: torch.Tensor, frames: int, rng: random.Random) -> tuple[torch.Ten
     return torch.cat([mel, pad], 1), 0, t
 
 
-def save_atomic(path: Path, obj: dict) -> None:
-    """torch.save through a temporary file and a rename: a stopped run never leaves a torn checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_atomic(path: Path, obj: Any) -> None:
+    """torch.save through a partial file and a rename: a stopped run never leaves a torn checkpoint."""
+    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def optimizer_step(module: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor,
