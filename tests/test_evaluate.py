@@ -147,7 +147,7 @@ def test_speaker_selection_and_gender_matched_sources():
     from pathlib import Path
 
     from cloak.corpus import Speaker
-    from cloak.evaluate.run import pick_sources, select_speakers
+    from cloak.evaluate.plan import pick_sources, select_speakers
 
     spk = [Speaker("a", "M", [Path("a/1.wav"), Path("a/2.wav")]), Speaker("b", "M", [Path("b/1.wav"), Path("b/2.wav")]),
            Speaker("c", "F", [Path("c/1.wav"), Path("c/2.wav"), Path("c/3.wav")]), Speaker("d", "F", [Path("d/1.wav")]),

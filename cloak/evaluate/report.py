@@ -5,15 +5,32 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from ..bundle import Models
+from ..corpus import Speaker
+from ..files import finite_json, write_json, write_text_atomic
 from . import metrics as M
+from .protocol import NOT_CONFIGURED, QUALITY_SENSITIVITY, QUALITY_WHY, EvalSettings, primary_encoder, versions
+from .transforms import Transform
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..corpus import Speaker
-    from .run import Evaluation
+
+class Evaluation(Protocol):
+    """What a report needs of the run it describes (cloak.evaluate.run.Evaluation)."""
+
+    s: EvalSettings
+    models: Models
+    encoders: list[M.SpeakerEncoder]
+    encoder_info: dict[str, Any]
+    transforms: list[Transform]
+    attack_fp: str
+    protect_fp: str
+    stats: dict[str, dict[str, int]]
+
+    @property
+    def dnsmos_info(self) -> dict[str, Any] | None: ...
 
 SCHEMA = "voicecloak-evaluate/1"
 DNSMOS_KEYS = ("sig", "bak", "ovrl", "p808")
@@ -94,8 +111,6 @@ def paired_deltas(a_items: list[dict[str, Any]], b_items: list[dict[str, Any]], 
 
 def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speaker], calibration: dict[str, Any],
                  protected: list[dict[str, Any]], items: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    from .run import NOT_CONFIGURED, QUALITY_SENSITIVITY, QUALITY_WHY, primary_encoder, versions
-
     s = ev.s
     n_boot, seed = s.bootstrap, s.seed
     thresholds = _thresholds(calibration, ev.encoder_info)
@@ -135,7 +150,7 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
     transforms = {t.name: t.description for t in ev.transforms}
     matched = [p.get("gender_matched_sources", False) for p in protected]
     model_info = [i.to_dict() for i in ev.models.info]
-    dnsmos_info = ev._dnsmos.info if ev._dnsmos is not None else None
+    dnsmos_info = ev.dnsmos_info
     headline = _headline(conditions, imperceptibility, primary, thresholds.get(primary))
     attacker = attacker_check(by_cond.get("clean", []), primary, n_boot, seed + 50)
     reference_identity = summarize_reference_identity(protected, enc_names, thresholds, n_boot, seed + 60)
@@ -184,9 +199,7 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
                   **ev.stats},
         "notes": _notes(ev, primary, matched) + _attacker_note(attacker),
     }
-    from .run import _clean_json
-
-    return _clean_json(report)
+    return finite_json(report)
 
 
 def attacker_check(clean_items: list[dict[str, Any]], primary: str, n_boot: int, seed: int) -> dict[str, Any]:
@@ -584,12 +597,10 @@ def make_plots(r: dict[str, Any], out_dir: Path, example: dict[str, Any] | None)
 
 def write_outputs(report: dict[str, Any], out_dir: Path, example: dict[str, Any] | None = None,
                   plots: bool = True) -> None:
-    from .run import _atomic_write_text, write_json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     report["plots"] = make_plots(report, out_dir, example) if plots else []
     write_json(out_dir / "report.json", report)
-    _atomic_write_text(out_dir / "report.md", render_markdown(report))
+    write_text_atomic(out_dir / "report.md", render_markdown(report))
 
 
 def load_report(path: Path) -> dict[str, Any]:

