@@ -67,7 +67,7 @@ from cloak import (
     write_audio,
 )
 from cloak.audio import fit_to_budget, output_problem, output_subtype, passthrough_reason, read_exact
-from cloak.config import Gender
+from cloak.config import SHAPINGS, Gender
 from cloak.sample import SAMPLE_CREDIT, sample_path
 
 from .remote import ServerUnavailable
@@ -394,6 +394,12 @@ _FIELD_HELP: dict[str, tuple[str | None, str]] = {
     "window_seconds": ("S", "long clips are protected in windows of this length (default 10)"),
     "overlap_seconds": ("S", "overlap of consecutive windows, cross-faded (default 1)"),
     "inference_steps": ("N", "sampler steps of the diffusion grid (default 100)"),
+    "shaping": (None, "masking (default): keep the perturbation under the voice's masking threshold, so it stays "
+                      "inaudible at any recording level and pauses stay clean; none: the paper's plain l-inf box"),
+    "masking_margin_db": ("DB", "shaping: how far under the masking threshold the perturbation stays "
+                                "(default 26; higher = quieter and weaker)"),
+    "masking_exponent": ("G", "shaping: 1 = follow the masking threshold, 0 = flat at the speech level, between: "
+                              "more room in weak time-frequency cells (default 0.5)"),
     "early_stop": (None, "stop a window once the attacker's clone already fails (needs voicecloak[eval]; "
                          "off by default: each check costs ~3 iterations)"),
     "early_stop_every": ("N", "iterations between early-stop checks (default 10)"),
@@ -412,6 +418,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": text}
         if f.name == "gender":
             kwargs["choices"] = list(get_args(Gender))
+        elif f.name == "shaping":
+            kwargs["choices"] = list(SHAPINGS)
         elif isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, int):

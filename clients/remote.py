@@ -116,7 +116,8 @@ def settings_from_config(config: ProtectConfig, pb: Any) -> Any:
                            overlap_seconds=config.overlap_seconds, inference_steps=config.inference_steps,
                            early_stop=config.early_stop, early_stop_every=config.early_stop_every,
                            early_stop_identity_drop=config.early_stop_identity_drop,
-                           early_stop_quality=config.early_stop_quality)
+                           early_stop_quality=config.early_stop_quality, shaping=config.shaping,
+                           masking_margin_db=config.masking_margin_db, masking_exponent=config.masking_exponent)
     s.id_encoders.extend(pb.SpeakerEncoder.Value(f"SPEAKER_ENCODER_{e.upper()}") for e in config.id_encoders)
     s.losses.extend(pb.LossTerm.Value(f"LOSS_TERM_{k.upper()}") for k in config.losses)
     s.gender = pb.Gender.Value(f"GENDER_{config.gender.upper()}")
@@ -405,7 +406,7 @@ def _config_from_settings(s: Any, pb: Any) -> ProtectConfig:
     values: dict[str, Any] = {}
     for name in ("epsilon", "step_size", "iterations", "repeats", "t_adv", "seed", "source_frames", "window_seconds",
                  "overlap_seconds", "inference_steps", "early_stop", "early_stop_every", "early_stop_identity_drop",
-                 "early_stop_quality"):
+                 "early_stop_quality", "shaping", "masking_margin_db", "masking_exponent"):
         if s.HasField(name):
             values[name] = getattr(s, name)
     if len(s.weights) == 4:

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 Gender = Literal["auto", "female", "male"]
+Shaping = Literal["masking", "none"]
+SHAPINGS: tuple[str, ...] = ("masking", "none")
 LOSS_NAMES: tuple[str, ...] = ("id", "ctx", "score", "sem")
 
 
@@ -15,10 +17,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ProtectConfig:
-    """Every knob of the PGD engine. Defaults are the paper's settings.
+    """Every knob of the PGD engine. Defaults are the paper's settings, except the perceptual shaping of the
+    perturbation (`shaping`, on by default; ProtectConfig(shaping="none") is the paper's engine).
 
     epsilon      l-infinity bound of the perturbation on the delivered waveform (full scale +-1).
-    step_size    PGD step alpha (sign-gradient ascent).
+    step_size    PGD step alpha (sign-gradient ascent); with shaping, each bin moves by step_size/epsilon of
+                 its bound per step (the paper's ratio: 50 steps cross the bound).
     iterations   PGD iterations per window.
     repeats      gradient repeats per iteration (EOT over diffusion time/noise/source), run as one batch.
     t_adv        number of initial sampler grid points (of a T=100 grid) that diffusion times are drawn from.
@@ -30,6 +34,28 @@ class ProtectConfig:
     source_frames  length (mel frames) of the surrogate attacker sources fed to the U-Net.
     window_seconds / overlap_seconds  long clips are cut into windows optimised one by one,
                  their perturbations cross-faded over the overlap.
+    shaping      "masking" (default): every PGD step moves delta inside a per-time-frequency-bin bound derived
+                 from the clean window (cloak.perceptual): each STFT bin of delta moves by step_size/epsilon
+                 of its bound along the gradient's phase (the time-frequency analogue of the sign step), is
+                 clipped to the bound, and the waveform is then clipped to the epsilon box. The bound is
+                 relative to the voice (scale the recording by g and it scales by g), so the cloak sits as far
+                 under the voice on a quiet take as on a loud one; it follows the voice's spectrum (Bark
+                 spreading, ~20 ms forward masking), leaves digital silence untouched and pauses nearly so.
+                 epsilon stays the hard l-infinity cap: |delta| <= epsilon still holds on every sample.
+                 "none": the paper's plain l-infinity PGD (sign steps in the epsilon box), the engine's
+                 behaviour before the shaping (ENGINE_VERSION 2): a dense perturbation whose audibility
+                 depends on the recording level (PESQ-WB 3.06 at -26 dBFS on a corpus reader) and fills pauses.
+    masking_margin_db  how far (dB) the bound sits under the (bent, see below) masking threshold. Higher is
+                 quieter and weaker: about 1 dB of SNR per dB, and ~10 % less GE2E effect per dB.
+    masking_exponent  gamma in [0, 1]: bound power = spread clean power^gamma * flat^(1-gamma) * 10^(-margin/10),
+                 flat = white noise at the clip's active speech level (ITU-T P.56). 1 = the masking
+                 threshold itself (quietest for a given SNR, weakest: noise hidden under the voice barely moves
+                 the log-mel features the cloner reads); 0 = a flat bound under the active level (the paper's
+                 dense noise made level-relative: audible in pauses and empty bands). Defaults gamma 0.5,
+                 margin 26 dB: chosen on two corpus clips at -26 dBFS (10 iterations) as the setting with the
+                 most GE2E effect at PESQ-WB >= 3.5 and SNR >= 33 dB (gamma 1 at 25 dB: half the effect;
+                 gamma 0.3 at 27 dB: the same effect at lower PESQ), then measured on every corpus speaker at
+                 -26 and -16 dBFS (bench/audibility.py; table in the README).
     early_stop   end a window early once the attacker's clone fails (see cloak.early_stop; off by default):
                  checked every `early_stop_every` iterations; met when the clone's GE2E similarity to the
                  speaker dropped by `early_stop_identity_drop` vs a clean clone AND its DNSMOS OVRL is below
@@ -50,6 +76,9 @@ class ProtectConfig:
     window_seconds: float = 10.0
     overlap_seconds: float = 1.0
     inference_steps: int = 100
+    shaping: Shaping = "masking"
+    masking_margin_db: float = 26.0
+    masking_exponent: float = 0.5
     early_stop: bool = False
     early_stop_every: int = 10
     early_stop_identity_drop: float = 0.15
@@ -85,6 +114,11 @@ class ProtectConfig:
         check(1.0 <= self.window_seconds <= 120.0, f"window_seconds must be in [1, 120], got {self.window_seconds}")
         check(0.0 <= self.overlap_seconds <= self.window_seconds / 2,
               f"overlap_seconds must be in [0, window_seconds/2], got {self.overlap_seconds}")
+        check(self.shaping in SHAPINGS, f"shaping must be one of {', '.join(SHAPINGS)}, got {self.shaping!r}")
+        check(isinstance(self.masking_margin_db, int | float) and 0.0 <= self.masking_margin_db <= 60.0,
+              f"masking_margin_db must be in [0, 60], got {self.masking_margin_db}")
+        check(isinstance(self.masking_exponent, int | float) and 0.0 <= self.masking_exponent <= 1.0,
+              f"masking_exponent must be in [0, 1], got {self.masking_exponent}")
         check(isinstance(self.early_stop, bool), f"early_stop must be true or false, got {self.early_stop!r}")
         check(1 <= self.early_stop_every <= 10_000, f"early_stop_every must be in [1, 10000], got "
               f"{self.early_stop_every}")
@@ -113,4 +147,4 @@ class ProtectConfig:
         return replace(self, **changes)
 
 
-__all__ = ["ProtectConfig", "ConfigError", "LOSS_NAMES", "Gender"]
+__all__ = ["ProtectConfig", "ConfigError", "LOSS_NAMES", "Gender", "Shaping", "SHAPINGS"]

@@ -7,6 +7,9 @@ How formats are treated
     graph) and resampled to the input's rate, then clipped to [-eps, eps]: the budget holds on the delivered
     waveform. Inputs below 22.05 kHz see delta band-limited through the same round trip during optimisation.
   * Level: output = clip(input + delta, -1, 1); nothing else changes (rate, channels, length, other samples).
+  * Audibility: with `shaping="masking"` (the default) each step stays under a bound derived from the clean
+    window's spectrum and level (cloak.perceptual), then the epsilon box; `shaping="none"` is the paper's
+    plain sign step in the box.
   * Long clips: windows of `window_seconds` with `overlap_seconds` overlap are optimised one after another
     and their deltas cross-faded linearly (a convex combination, so the bound still holds); memory is bounded
     by the window, not the clip.
@@ -31,10 +34,11 @@ from .jobs import Cancelled, CancelToken, Progress, ProgressFn, ProtectResult
 from .losses import context_log_probs, context_loss, identity_loss, score_loss, semantic_loss, summed_context
 from .models.diffvc_decoder import ScoreInternals
 from .models.ge2e import volume_gain
+from .perceptual import masking_threshold, shaped_step
 from .pitch import DEFAULT_LOG_F0
 
 # Changes whenever the same settings would give a different perturbation (caches of protected audio key on it).
-ENGINE_VERSION = "2: L_score as the score's RMS"
+ENGINE_VERSION = "3: delta shaped under the masking threshold (shaping=masking)"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,6 +118,10 @@ class WindowAttack:
             self.pool.logp_ref, self.pool.feat_clean = self._internals(self._reference(self.x, x16 * self.gain),
                                                                        self.pool)
             self._noise_features(gen)
+            # perceptual shaping (cloak.perceptual): per-bin bound on delta's STFT from this window's clean audio
+            self.shaping_bound = masking_threshold(self.x[0], DIFFVC_RATE, cfg.masking_margin_db,
+                                                   exponent=cfg.masking_exponent) \
+                if cfg.shaping == "masking" else None
         self.order = torch.randperm(self.pool.t.shape[0], generator=gen).to(self.dev)
 
     def _identity_targets(self, gen: torch.Generator) -> None:
@@ -296,7 +304,11 @@ def pgd_step(jobs: list[ProtectionJob]) -> None:
         for j, job in enumerate(jobs):
             cfg = job.cfg
             x = job.attack.x[0]
-            d = (job.delta + cfg.step_size * grad[j].sign()).clamp(-cfg.epsilon, cfg.epsilon)
+            if job.attack.shaping_bound is None:  # the paper's sign step in the box
+                d = job.delta + cfg.step_size * grad[j].sign()
+            else:  # its analogue under the clean audio's masking threshold (cloak.perceptual), then the box
+                d = shaped_step(job.delta, grad[j], job.attack.shaping_bound, cfg.step_size / cfg.epsilon)
+            d = d.clamp(-cfg.epsilon, cfg.epsilon)
             # keep x + d within full scale, then the box again (a resampled x can overshoot 1 by more than eps)
             job.delta = ((x + d).clamp(-1.0, 1.0) - x).clamp(-cfg.epsilon, cfg.epsilon)
             job.after_step({k: v.detach() for k, v in losses[j].items()})  # tensors: no host sync per step

@@ -32,7 +32,7 @@ LOSSES = {pb.LOSS_TERM_ID: "id", pb.LOSS_TERM_CTX: "ctx", pb.LOSS_TERM_SCORE: "s
 LOSS_ENUM = {v: k for k, v in LOSSES.items()}
 _SCALAR_FIELDS = ("epsilon", "step_size", "iterations", "repeats", "t_adv", "seed", "source_frames", "window_seconds",
                   "overlap_seconds", "inference_steps", "early_stop", "early_stop_every", "early_stop_identity_drop",
-                  "early_stop_quality")
+                  "early_stop_quality", "shaping", "masking_margin_db", "masking_exponent")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # Loss weights: sign-PGD is invariant to a common scale, but float32 is not: a weight of 1e308 turns the loss into
 # inf (NaN gradient, no step) and one of 5e-324 into 0 (zero gradient, no step). Both came back "OK" with an

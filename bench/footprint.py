@@ -1,0 +1,105 @@
+"""Time and peak memory of `cloak protect` at the defaults, as a user runs it, for a 7 s and a 60 s clip.
+
+    python bench/footprint.py                      # both clips, --threads 1, JSON + markdown in bench/results/
+    python bench/footprint.py --seconds 7 --threads 2
+
+Each clip is corpus speech (LibriSpeech speaker 1688, its files joined in order) at 44.1 kHz stereo, 16-bit
+WAV, scaled to -26 dBFS active speech level. Each run is a fresh `cloak protect IN -o OUT --threads N`
+process (imports, model loading, protection and writing included); its wall time and peak resident memory
+(ru_maxrss from wait4, the process alone) are recorded, with the CPU as `cloak info` names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from cloak.evaluate.metrics import to_rate
+from cloak.perceptual import scale_to_level
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "corpus"
+RESULTS = ROOT / "bench" / "results"
+RATE = 44_100
+
+
+def make_clip(seconds: float, path: Path) -> None:
+    parts, sr = [], 16_000
+    for f in sorted((CORPUS / "librispeech_1688").iterdir()):
+        x, sr = sf.read(str(f), dtype="float32")
+        parts.append(x)
+        if sum(map(len, parts)) >= seconds * sr:
+            break
+    x = to_rate(np.concatenate(parts)[: int(seconds * sr)], sr, RATE)
+    stereo = scale_to_level(np.stack([x, x], axis=1), RATE, -26.0)
+    sf.write(str(path), stereo, RATE, subtype="PCM_16")
+
+
+def cloak_exe() -> str:
+    exe = Path(sys.executable).with_name("cloak")
+    return str(exe) if exe.exists() else "cloak"
+
+
+def cpu_line() -> str:
+    out = subprocess.run([cloak_exe(), "info"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"^cpu: (.*?);", out, re.M)
+    return m.group(1) if m else "unknown"
+
+
+def run_one(clip: Path, out: Path, threads: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([cloak_exe(), "protect", str(clip), "-o", str(out), "--threads", str(threads), "--force"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"cloak protect failed ({proc.returncode}): {err.decode(errors='replace')[-2000:]}")
+    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024.0, "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", nargs="+", type=float, default=[7.0, 60.0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(RESULTS / "footprint.json"))
+    args = p.parse_args()
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.exists() else {"rows": {}}
+    data["cpu"] = cpu_line()
+    data["what"] = ("`cloak protect` at the defaults in a fresh process: wall time and peak RSS, 44.1 kHz stereo "
+                    "16-bit WAV, -26 dBFS active speech level")
+    with tempfile.TemporaryDirectory() as tmp:
+        for seconds in args.seconds:
+            clip = Path(tmp) / f"clip{seconds:g}.wav"
+            make_clip(seconds, clip)
+            row = {"seconds": seconds, "threads": args.threads, **run_one(clip, Path(tmp) / "out.wav", args.threads),
+                   "date": datetime.now(UTC).isoformat(timespec="seconds")}
+            data["rows"][f"{seconds:g}s-{args.threads}t"] = row
+            out.write_text(json.dumps(data, indent=1) + "\n")
+            print(f"{seconds:g} s, {args.threads} thread(s): {row['wall_s']:.0f} s, peak RSS "
+                  f"{row['peak_rss_mib']:.0f} MiB", flush=True)
+    lines = [f"CPU: {data['cpu']}", "", "| clip (44.1 kHz stereo) | threads | time | peak memory (RSS) |",
+             "|---|---:|---:|---:|"]
+    for r in sorted(data["rows"].values(), key=lambda r: (r["seconds"], r["threads"])):
+        lines.append(f"| {r['seconds']:g} s | {r['threads']} | {r['wall_s']:.0f} s | "
+                     f"{r['peak_rss_mib'] / 1024:.2f} GiB |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
