@@ -188,3 +188,20 @@ def test_early_stop_clones_through_the_prior(embedded, corpus):
                                                                  early_stop_every=1))
     (check,), = r.metrics["early_stop_checks"]
     assert -1 <= check["identity"] <= 1 and 1.0 <= check["ovrl"] <= 5.0
+
+
+def test_units_replace_each_source_frame_by_its_nearest_unit_and_need_their_buffer():
+    prior = SpeakerPrior(PriorConfig(n_units=3))
+    prior.units.copy_(torch.stack([torch.full((80,), -1.0), torch.zeros(80), torch.full((80,), 2.0)]))
+    z = torch.stack([torch.full((80,), v) for v in (-0.7, 0.2, 1.4, 5.0)], -1)[None]  # (1, 80, 4)
+    q = prior.quantise(z)
+    assert torch.equal(q[0, 0], torch.tensor([-1.0, 0.0, 2.0, 2.0]))
+    # the base mean is built from the units: two sources whose frames fall on the same units give the same base
+    spk = prior.condition(torch.randn(1, 256), torch.randn(1, 80, 50) - 4, torch.ones(1, 1, 50))
+    a = prior.base_mean(z, torch.ones(1, 1, 4), spk, (torch.zeros(1, 80), torch.ones(1, 80)))
+    b = prior.base_mean(z + 0.1, torch.ones(1, 1, 4), spk, (torch.zeros(1, 80), torch.ones(1, 80)))
+    assert torch.equal(a, b)
+    state = {k: v for k, v in prior.state_dict().items() if k != "units"}
+    with pytest.raises(RuntimeError, match="units"):
+        SpeakerPrior(PriorConfig(n_units=3)).load_state_dict(state, strict=True)
+    SpeakerPrior(PriorConfig()).load_state_dict(state, strict=True)  # no units: the checkpoints before them

@@ -51,6 +51,11 @@ class PriorConfig:
     # (reference F0 / source F0) ** vtl_exponent (formants scale with F0 only loosely: ~1.17x between typical male
     # and female voices for ~1.9x in F0, i.e. ~0.25); 0 turns it off
     vtl_exponent: float = 0.0
+    # pseudo-phone units: with n_units > 0 each frame of the source's normalised mean is replaced by the nearest of
+    # n_units unit means (k-means over all training speakers' normalised means, in the `units` buffer), so what
+    # is left of the source speaker inside a unit's frames goes; the source is not on the reference path, so the
+    # hard assignment costs the attack nothing; 0 (checkpoints before it) keeps the normalised mean as it is
+    n_units: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,6 +157,8 @@ class SpeakerPrior(nn.Module):
         # pooled ("average voice") envelope statistics the encoder's target was normalised to; set by training
         self.register_buffer("avg_mean", torch.zeros(n))
         self.register_buffer("avg_std", torch.ones(n))
+        if cfg.n_units:
+            self.register_buffer("units", torch.zeros(cfg.n_units, n))
         self.register_buffer("lifter", torch.from_numpy(lifter_matrix(n, cfg.n_ceps)).float(), persistent=False)
         grid = np.exp(np.linspace(math.log(cfg.f0_lo), math.log(cfg.f0_hi), cfg.f0_grid))
         self.register_buffer("templates", torch.from_numpy(harmonic_templates(grid)), persistent=False)
@@ -213,7 +220,18 @@ class SpeakerPrior(nn.Module):
         """The source's average-voice mean normalised per bin over its voiced frames (`src_stats`, default: its own
         statistics) and re-styled with the reference's envelope statistics."""
         m, s = self.source_stats(mean_avg, mask) if src_stats is None else src_stats
-        return (mean_avg - m[..., None]) / s[..., None] * spk.env_std[..., None] + spk.env_mean[..., None]
+        z = (mean_avg - m[..., None]) / s[..., None]
+        if self.config.n_units:
+            z = self.quantise(z)
+        return z * spk.env_std[..., None] + spk.env_mean[..., None]
+
+    def quantise(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised means (B, 80, T) -> the nearest unit mean of every frame (no gradient to the source)."""
+        units = self.units.to(z.dtype)
+        with torch.no_grad():
+            flat = z.detach().transpose(1, 2).reshape(-1, z.shape[1])
+            idx = torch.cdist(flat.float(), self.units.float()).argmin(-1)
+        return units[idx].reshape(z.shape[0], z.shape[2], -1).transpose(1, 2)
 
     def forward(self, mean_avg: torch.Tensor, mask: torch.Tensor, log_f0: torch.Tensor, voiced: torch.Tensor,
                 spk: SpeakerCondition, src_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -59,6 +59,9 @@ class PriorSettings:
     # condition stay as recorded), so the prior learns to take the recording conditions from the reference
     # (`cloak.train.rooms`, where the measurement that motivates it is)
     source_rooms: float = 0.0
+    # pseudo-phone units of the source (PriorConfig.n_units; 0 = off): k-means of the training speakers'
+    # normalised average-voice means, fitted once before prior training (`fit_units`)
+    n_units: int = 0
     # written into the exported prior_config: the conversion-time vocal-tract scaling (see PriorConfig); 0.25 is the
     # a-priori value (formants ~1.17x for F0 ~1.9x between typical male and female voices), not fitted to any speaker
     vtl_exponent: float = 0.25
@@ -196,6 +199,27 @@ def _room_means(b: dict[str, torch.Tensor], share: float, rng: random.Random, mo
     return b | out
 
 
+def fit_units(feats: list[dict], rows: list[int], k: int, seed: int, frames: int = 120_000,
+              iters: int = 25) -> torch.Tensor:
+    """k-means (k, 80) of the per-utterance normalised average-voice means of `rows` (a random subset of their
+    frames), initialised from k random frames; deterministic given the seed."""
+    g = torch.Generator().manual_seed(seed)
+    zs = []
+    for i in rows:
+        mu = feats[i]["mean"]
+        m, s = SpeakerPrior._voiced_stats(mu[None], mu.mean(0)[None, None], torch.ones(1, 1, mu.shape[1]))
+        zs.append(((mu - m[0][:, None]) / s[0][:, None]).T)
+    z = torch.cat(zs)
+    z = z[torch.randperm(z.shape[0], generator=g)[:frames]]
+    c = z[torch.randperm(z.shape[0], generator=g)[:k]].clone()
+    for _ in range(iters):
+        idx = torch.cdist(z, c).argmin(-1)
+        sums = torch.zeros_like(c).index_add_(0, idx, z)
+        counts = torch.bincount(idx, minlength=k).float()[:, None]
+        c = torch.where(counts > 0, sums / counts.clamp_min(1), c)
+    return c
+
+
 def train_prior(items: list[dict], feats: list[dict], cache: Path, st: PriorSettings, budget_s: float,
                 init: Path, prior_init: Path | None = None) -> None:
     """`prior_init`: a cloak-mini-2 checkpoint whose prior to start from (fine-tuning) instead of a fresh one."""
@@ -207,11 +231,16 @@ def train_prior(items: list[dict], feats: list[dict], cache: Path, st: PriorSett
     stats = {s: speaker_stats(m) for s, m in by_spk.items()}
     spk_f0 = _speaker_f0(items, feats)
     torch.manual_seed(st.seed)
-    prior = SpeakerPrior(PriorConfig())
+    prior = SpeakerPrior(PriorConfig(n_units=st.n_units))
     prior.avg_mean.copy_(torch.stack([m for m, _ in stats.values()]).mean(0))
     prior.avg_std.copy_(torch.stack([s for _, s in stats.values()]).mean(0))
     if prior_init is not None:
-        prior.load_state_dict(torch.load(prior_init, weights_only=True)["prior_state_dict"])
+        res = prior.load_state_dict(torch.load(prior_init, weights_only=True)["prior_state_dict"], strict=False)
+        if res.unexpected_keys or set(res.missing_keys) - {"units"}:  # only the units may be new
+            raise ValueError(f"{prior_init}: prior does not match: {res}")
+    if st.n_units:
+        train_rows = [i for i, it in enumerate(items) if it["split"] == "train"]
+        prior.units.copy_(fit_units(feats, train_rows, st.n_units, st.seed))
     encoder = _encoder(init) if st.source_rooms else None
     opt = torch.optim.Adam(prior.parameters(), lr=st.prior_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, st.prior_steps)
@@ -388,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--source-rooms", type=float, default=PriorSettings.source_rooms,
                    help="share of source crops put through a simulated room before the encoder (0 = off)")
     p.add_argument("--prior-init", default=None, help="a cloak-mini-2 checkpoint whose prior to fine-tune from")
+    p.add_argument("--units", type=int, default=PriorSettings.n_units,
+                   help="pseudo-phone units of the source's normalised mean (k-means; 0 = off)")
     p.add_argument("--prior-lr", type=float, default=PriorSettings.prior_lr)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="exported checkpoint (default CACHE/cloak-mini.pt)")
@@ -396,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     st = PriorSettings(prior_steps=a.prior_steps, dec_steps=a.dec_steps, mean_warp=a.mean_warp,
-                       source_rooms=a.source_rooms, prior_lr=a.prior_lr, bf16=cpu_has_native_bf16())
+                       source_rooms=a.source_rooms, prior_lr=a.prior_lr,
+                       n_units=a.units, bf16=cpu_has_native_bf16())
     cache = Path(a.cache)
     t_end = time.time() + a.hours * 3600
     items = load_items(Path(a.items) if a.items else cache / "data.pt", 0)
