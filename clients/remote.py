@@ -236,7 +236,8 @@ class RemoteProtector:
         encoding: 'float32' or 'int16' on the wire (default: int16 for int16 arrays, else float32; int16 output
         is quantised within epsilon). When the stream drops after the job was accepted, the job is re-attached
         by id up to `reattach_tries` times (the server keeps it running with keep_on_disconnect). A full queue is
-        retried `busy_retries` times after the server's RetryInfo delay. `cancel` stops the job on the server.
+        retried `busy_retries` times after the server's RetryInfo delay (a RESOURCE_EXHAUSTED without RetryInfo, a
+        message over a size limit, is not). `cancel` stops the job on the server.
         """
         grpc, pb = self._grpc, self._pb
         config = config or ProtectConfig()
@@ -275,10 +276,12 @@ class RemoteProtector:
                 return self._run(call, state, cancel)
             except grpc.RpcError as e:
                 err = self._error(e)
+                # only a RetryInfo means "busy, try again": a RESOURCE_EXHAUSTED without one is gRPC's own
+                # message-size limit, which the same request hits again
                 if (isinstance(err, ServerUnavailable) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                        and state.job_id is None and attempt < busy_retries):
+                        and err.retry_after is not None and state.job_id is None and attempt < busy_retries):
                     attempt += 1
-                    time.sleep(min(60.0, err.retry_after or 2.0))
+                    time.sleep(min(60.0, err.retry_after))
                     continue
                 if (state.job_id and keep_on_disconnect and e.code() == grpc.StatusCode.UNAVAILABLE
                         and reattach_tries > 0):

@@ -21,7 +21,7 @@ from cloak.bundle import Models
 
 from . import logs, pcm
 from .auth import TokenInterceptor
-from .config import MAX_CHUNK_BYTES, ServerConfig, ServerConfigError, is_loopback, load_token, load_tokens
+from .config import MAX_MESSAGE_BYTES, ServerConfig, ServerConfigError, is_loopback, load_token, load_tokens
 from .gen import cloak_service_pb2 as pb
 from .gen import cloak_service_pb2_grpc as pb_grpc
 from .metrics import Metrics
@@ -33,8 +33,8 @@ HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 SERVER_OPTIONS = [
     # chunks are <= 1 MiB; room above it so that an oversize chunk gets our INVALID_ARGUMENT, not a size error
-    ("grpc.max_receive_message_length", 4 * MAX_CHUNK_BYTES),
-    ("grpc.max_send_message_length", 4 * MAX_CHUNK_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),

@@ -11,6 +11,9 @@ from pathlib import Path
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 MAX_CHUNK_BYTES = 1 << 20  # largest PCM chunk accepted (and sent) in one message
+# largest gRPC message received: room above a chunk, so that an oversize chunk gets INVALID_ARGUMENT naming "pcm";
+# beyond it gRPC itself answers RESOURCE_EXHAUSTED (without status details: not to be retried)
+MAX_MESSAGE_BYTES = 4 * MAX_CHUNK_BYTES
 MIN_SECONDS = 0.1  # shortest clip the engine protects
 
 

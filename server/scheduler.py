@@ -73,7 +73,7 @@ class Subscription:
             return self._items.popleft() if self._items else None
 
 
-def _window_plan_size(frames: int, sample_rate: int, window_seconds: float, overlap_seconds: float) -> tuple[int, int]:
+def window_plan_size(frames: int, sample_rate: int, window_seconds: float, overlap_seconds: float) -> tuple[int, int]:
     """(windows, samples per window at 22.05 kHz) that ProtectionJob will use (for estimates only)."""
     n22 = math.ceil(frames * DIFFVC_RATE / sample_rate)
     window = max(DIFFVC_HOP * 32, int(window_seconds * DIFFVC_RATE) // DIFFVC_HOP * DIFFVC_HOP)
@@ -85,8 +85,10 @@ def _window_plan_size(frames: int, sample_rate: int, window_seconds: float, over
 
 class JobRecord:
     def __init__(self, upload: pcm.Upload, samples: np.ndarray, client: str, keep_on_disconnect: bool = False,
-                 peer: str = "", owner: str | None = None, client_name: str = "") -> None:
+                 peer: str = "", owner: str | None = None, client_name: str = "",
+                 estimated_seconds: float | None = None) -> None:
         self.id = secrets.token_urlsafe(12)
+        self.estimated_seconds = estimated_seconds  # Scheduler.estimate() when the header arrived
         self.upload = upload
         self.config = upload.config
         self.samples: np.ndarray | None = samples
@@ -116,8 +118,8 @@ class JobRecord:
         self.error: tuple[grpc.StatusCode, str] | None = None
         self._lock = threading.Lock()
         self._subs: list[Subscription] = []
-        windows, window = _window_plan_size(upload.frames, upload.sample_rate, self.config.window_seconds,
-                                            self.config.overlap_seconds)
+        windows, window = window_plan_size(upload.frames, upload.sample_rate, self.config.window_seconds,
+                                           self.config.overlap_seconds)
         self.total_iterations = windows * self.config.iterations
         self.unit = self.config.repeats * window  # cost of one iteration, in "units" (for estimates)
 
@@ -134,7 +136,7 @@ class JobRecord:
             self.queue_position = position
             self.accepted_event = self._event(accepted=pb.Accepted(
                 queue_position=position, frames=self.upload.frames, sample_rate=self.upload.sample_rate,
-                channels=self.upload.channels))
+                channels=self.upload.channels, estimated_seconds=self.estimated_seconds))
             self._publish(("event", self.accepted_event))
 
     def set_queued(self, position: int, models_loading: bool) -> None:
@@ -490,9 +492,19 @@ class Scheduler:
         spu = self.sec_per_unit
         if spu is None:
             return None
-        windows, window = _window_plan_size(upload.frames, upload.sample_rate, upload.config.window_seconds,
-                                            upload.config.overlap_seconds)
+        windows, window = window_plan_size(upload.frames, upload.sample_rate, upload.config.window_seconds,
+                                           upload.config.overlap_seconds)
         return windows * upload.config.iterations * upload.config.repeats * window * spu
+
+    def backlog_seconds(self) -> float | None:
+        """Seconds of work already here (running, paused and queued jobs) at the measured speed; None with
+        estimate()."""
+        spu = self.sec_per_unit
+        if spu is None:
+            return None
+        with self.cond:
+            units = sum(r.remaining_units() for r in [*self.active, *self.parked, *self.queue.order()])
+        return units * spu
 
     def retry_after(self) -> float:
         """Seconds until a queue slot is likely to free (the RESOURCE_EXHAUSTED hint)."""

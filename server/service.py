@@ -10,17 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 import cloak
 
-from . import logs, memory, pcm
-from .config import MAX_CHUNK_BYTES
+from . import errors, logs, memory, pcm
+from .config import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
 from .gen import cloak_service_pb2 as pb
 from .gen import cloak_service_pb2_grpc as pb_grpc
-from .scheduler import JobRecord, NotAccepting, QueueFull, Scheduler
+from .scheduler import JobRecord, NotAccepting, QueueFull, Scheduler, window_plan_size
 
 MAX_JOB_ID = 128
 CANCEL_WAIT_S = 10.0  # Cancel waits this long at most for the job to stop before answering its state
@@ -37,13 +34,6 @@ def peer_host(peer: str) -> str:
     if kind == "ipv4":
         return rest.rsplit(":", 1)[0]
     return peer or "unknown"
-
-
-def _retry_status(message: str, retry_after: float) -> Any:
-    info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(round(retry_after))))
-    st = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message)
-    st.details.add().Pack(info)
-    return rpc_status.to_status(st)
 
 
 class _Gone(Exception):
@@ -206,11 +196,47 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
 
     # --- Protect ---------------------------------------------------------------------------------------------
     def _reject(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str, outcome: str,
-                peer: str) -> None:
+                peer: str, status: grpc.Status | None = None) -> None:
+        """End the call with `code` (and `status`, its rich form with details, when given)."""
         self.sched.metrics.jobs.labels(outcome).inc()
         logs.event("job_rejected", level=30 if code == grpc.StatusCode.INVALID_ARGUMENT else 20, peer=peer,
                    code=code.name, reason=message)
+        if status is not None:
+            context.abort_with_status(status)
         context.abort(code, message)
+
+    def _invalid(self, context: grpc.ServicerContext, e: Exception, peer: str) -> None:
+        """INVALID_ARGUMENT with a google.rpc.BadRequest naming the field(s) at fault."""
+        self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "rejected_invalid", peer, errors.invalid(e))
+
+    def _check_header(self, header: pb.ProtectHeader) -> pcm.Upload:
+        """Everything Protect checks about a header before any PCM arrives; raises InvalidInput."""
+        upload = pcm.validate_header(header, self.limits)
+        models = self.sched.models
+        if "wavlm" in upload.config.id_encoders and models is not None and models.wavlm is None:
+            raise pcm.InvalidInput("settings.id_encoders: this server's model bundle has no WavLM-SV model; "
+                                   "use SPEAKER_ENCODER_GE2E")
+        if len(header.client_name) > 256:
+            raise pcm.InvalidInput("header.client_name: at most 256 characters")
+        return upload
+
+    def _too_large(self, upload: pcm.Upload) -> tuple[memory.Estimate, grpc.Status | None]:
+        """The job's memory estimate, and the INVALID_ARGUMENT status when it could never fit the budget."""
+        need = self.sched.memory_estimate(upload)
+        budget = self.sched.memory.total
+        if need.peak <= budget:
+            return need, None
+        if need.dominant == "settings.repeats":
+            paths = ["header.settings.repeats", "header.settings.source_frames", "header.settings.window_seconds"]
+        else:
+            paths = ["header.frames"]
+        field = " / ".join(p.removeprefix("header.") if p.startswith("header.settings") else p for p in paths)
+        message = (f"{field}: this job would need about {memory.fmt(need.peak)} of memory at its peak (upload "
+                   f"{memory.fmt(need.upload)}, protection {memory.fmt(need.job)}, of which the U-Net "
+                   f"{memory.fmt(need.unet)}) and this server's --memory-budget is {memory.fmt(budget)}: send a "
+                   "shorter clip, or use fewer repeats, source frames or a shorter window")
+        return need, errors.bad_request(message, paths, pb.ERROR_REASON_JOB_TOO_LARGE, need_bytes=need.peak,
+                                        budget_bytes=budget)
 
     def Protect(self, request_iterator: Iterator[pb.ProtectRequest],
                 context: grpc.ServicerContext) -> Iterator[pb.ProtectResponse]:
@@ -222,7 +248,8 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             held = self._refusals.allow("protect:" + who)
             if held is not None:
                 logs.event("upload_refused", level=30, client=who, peer=peer, reason=why, suppressed=held)
-            context.abort_with_status(_retry_status(f"too many uploads at once: {why}; retry shortly", 2.0))
+            context.abort_with_status(errors.exhausted(f"too many uploads at once: {why}; retry shortly", 2.0,
+                                                       pb.ERROR_REASON_TOO_MANY_UPLOADS))
         once = _Once(lambda: self.caps.leave_protect(who))
         if not context.add_callback(once):
             once()
@@ -243,9 +270,11 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             if left <= 0:
                 self.sched.metrics.jobs.labels("rejected_idle").inc()
                 logs.event("upload_idle_timeout", level=30, peer=peer, waiting_for=what, seconds=limit)
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"no {what} for {limit:g} s (the server's --upload-idle-timeout): the upload was "
-                              "dropped and its queue slot freed; send the PCM without long pauses")
+                context.abort_with_status(errors.with_reason(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no {what} for {limit:g} s (the server's --upload-idle-timeout): the upload was dropped and its "
+                    "queue slot freed; send the PCM without long pauses", pb.ERROR_REASON_UPLOAD_IDLE,
+                    idle_timeout_seconds=f"{limit:g}"))
             kind, value = reader.get(min(left, 1.0))
             if kind == "wait":
                 if not context.is_active():
@@ -267,50 +296,40 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
         except _Gone:
             return
         if first is None:
-            self._reject(context, bad, "empty request stream: the first message must be a ProtectHeader",
-                         "rejected_invalid", peer)
+            self._invalid(context, errors.FieldError(
+                "empty request stream: the first message must be a ProtectHeader", "header"), peer)
         kind = first.WhichOneof("payload")
         if kind != "header":
-            self._reject(context, bad, f"the first message must be a ProtectHeader, got {kind or 'an empty message'}",
-                         "rejected_invalid", peer)
+            self._invalid(context, errors.FieldError(
+                f"the first message must be a ProtectHeader, got {kind or 'an empty message'}", "header"), peer)
         header = first.header
         try:
-            upload = pcm.validate_header(header, self.limits)
-            models = self.sched.models
-            if "wavlm" in upload.config.id_encoders and models is not None and models.wavlm is None:
-                raise pcm.InvalidInput("settings.id_encoders: this server's model bundle has no WavLM-SV model; "
-                                       "use SPEAKER_ENCODER_GE2E")
-            if len(header.client_name) > 256:
-                raise pcm.InvalidInput("header.client_name: at most 256 characters")
+            upload = self._check_header(header)
         except pcm.InvalidInput as e:
-            self._reject(context, bad, str(e), "rejected_invalid", peer)
+            self._invalid(context, e, peer)
         if not self.sched.accepting:
             self._reject(context, grpc.StatusCode.UNAVAILABLE, self.sched.not_accepting_reason(),
                          "rejected_draining", peer)
         remaining = context.time_remaining()
-        if remaining is not None:
-            est = self.sched.estimate(upload)
-            if est is not None and est > remaining:
-                self._reject(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                             f"this job needs about {est:.0f} s of protection but the call's deadline is in "
-                             f"{remaining:.1f} s; set a later deadline or none", "rejected_deadline", peer)
-        need = self.sched.memory_estimate(upload)
+        est = self.sched.estimate(upload)
+        if remaining is not None and est is not None and est > remaining:
+            why = (f"this job needs about {est:.0f} s of protection but the call's deadline is in {remaining:.1f} s; "
+                   "set a later deadline or none (EstimateJob answers the estimate)")
+            self._reject(context, grpc.StatusCode.DEADLINE_EXCEEDED, why, "rejected_deadline", peer,
+                         errors.with_reason(grpc.StatusCode.DEADLINE_EXCEEDED, why,
+                                            pb.ERROR_REASON_DEADLINE_TOO_SHORT, estimated_seconds=f"{est:.3f}",
+                                            deadline_seconds=f"{remaining:.3f}"))
+        need, too_large = self._too_large(upload)
+        if too_large is not None:
+            self._reject(context, bad, too_large.details, "rejected_invalid", peer, too_large)
         budget = self.sched.memory.total
-        if need.peak > budget:
-            field = "settings.repeats / settings.source_frames / settings.window_seconds" \
-                if need.dominant == "settings.repeats" else "header.frames"
-            self._reject(context, bad, f"{field}: this job would need about {memory.fmt(need.peak)} of memory at "
-                         f"its peak (upload {memory.fmt(need.upload)}, protection {memory.fmt(need.job)}, of which "
-                         f"the U-Net {memory.fmt(need.unet)}) and this server's --memory-budget is "
-                         f"{memory.fmt(budget)}: send a shorter clip, or use fewer repeats, source frames or a shorter "
-                         "window",
-                         "rejected_invalid", peer)
         try:
             self.sched.reserve()
         except QueueFull as e:
             self.sched.metrics.jobs.labels("rejected_busy").inc()
             logs.event("job_rejected", peer=peer, code="RESOURCE_EXHAUSTED", reason=str(e))
-            context.abort_with_status(_retry_status(str(e), e.retry_after))
+            context.abort_with_status(errors.exhausted(str(e), e.retry_after, pb.ERROR_REASON_QUEUE_FULL,
+                                                       queue_depth=e.depth))
         except NotAccepting as e:
             self._reject(context, grpc.StatusCode.UNAVAILABLE, str(e), "rejected_draining", peer)
         if not self.sched.take_memory(need.peak):
@@ -321,7 +340,8 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
                    f"{memory.fmt(max(0, self.sched.memory.free))} of the {memory.fmt(budget)} budget are free; "
                    f"retry in about {retry:.0f} s")
             logs.event("job_rejected", peer=peer, code="RESOURCE_EXHAUSTED", reason=why)
-            context.abort_with_status(_retry_status(why, retry))
+            context.abort_with_status(errors.exhausted(why, retry, pb.ERROR_REASON_MEMORY_BUSY, need_bytes=need.peak,
+                                                       free_bytes=max(0, self.sched.memory.free)))
         held = _Once(lambda: self.sched.give_memory(need.peak))
         released = _Once(self.sched.release)
         received = False
@@ -340,15 +360,16 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
                     if msg.pcm:  # an empty chunk is no progress: it does not hold the slot any longer
                         idle_since[0] = time.monotonic()
                 elif which == "header":
-                    raise pcm.InvalidInput(f"message {i}: a second ProtectHeader; send one header, then pcm chunks")
+                    raise errors.FieldError(f"message {i}: a second ProtectHeader; send one header, then pcm chunks",
+                                            "header")
                 else:
-                    raise pcm.InvalidInput(f"message {i}: empty message (neither header nor pcm)")
+                    raise errors.FieldError(f"message {i}: empty message (neither header nor pcm)", "pcm")
             samples = receiver.finish()
             received = True  # the reservation becomes the job's queue slot in submit()
         except pcm.InvalidInput as e:
             released()
             held()
-            self._reject(context, bad, str(e), "rejected_invalid", peer)
+            self._invalid(context, e, peer)
         except (_Gone, grpc.RpcError):  # the client went away during the upload
             released()
             held()
@@ -359,7 +380,7 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
                 held()
         owner = self.owner(context)
         rec = JobRecord(upload, samples, owner or peer_host(peer), header.keep_on_disconnect, peer, owner=owner,
-                        client_name=header.client_name)
+                        client_name=header.client_name, estimated_seconds=est)
         rec.mem = need.peak  # the job holds the reservation from here on; the scheduler gives it back
         sub = rec.subscribe()  # before submit: the stream sees every event, however fast the scheduler moves
         try:
@@ -372,7 +393,7 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
         yield from self._follow(rec, context, pb.ProtectResponse, sub)
 
     def _follow(self, rec: JobRecord, context: grpc.ServicerContext, wrap: Callable[..., Any],
-                sub: Any = None) -> Iterator[Any]:
+                sub: Any = None, result_offset: int = 0) -> Iterator[Any]:
         sub = rec.subscribe() if sub is None else sub
         last, last_at = None, time.monotonic()
         try:
@@ -382,7 +403,11 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
                     if not context.is_active():
                         return
                     if last is not None and time.monotonic() - last_at > HEARTBEAT_S:
-                        yield wrap(event=last)  # nothing new (long queue wait, slow iteration): say so again
+                        # nothing new (long queue wait, slow iteration): say so again, marked as a repeat
+                        beat = pb.JobEvent()
+                        beat.CopyFrom(last)
+                        beat.heartbeat = True
+                        yield wrap(event=beat)
                         last_at = time.monotonic()
                     continue
                 kind, value = item
@@ -392,7 +417,7 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
                 elif kind == "result":
                     data, done = rec.result_pcm, rec.done_event
                     assert data is not None and done is not None
-                    for off in range(0, len(data), MAX_CHUNK_BYTES):
+                    for off in range(min(result_offset, len(data)), len(data), MAX_CHUNK_BYTES):
                         yield wrap(event=pb.JobEvent(job_id=rec.id, result_chunk=pb.ResultChunk(
                             offset=off, pcm=data[off:off + MAX_CHUNK_BYTES])))
                     yield wrap(event=done)
@@ -406,7 +431,7 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
     # --- by job id ---------------------------------------------------------------------------------------------
     def _record(self, job_id: str, context: grpc.ServicerContext) -> JobRecord:
         if not job_id or len(job_id) > MAX_JOB_ID:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"job_id must be 1..{MAX_JOB_ID} characters")
+            context.abort_with_status(errors.bad_request(f"job_id must be 1..{MAX_JOB_ID} characters", ["job_id"]))
         rec = self.sched.get(job_id)
         # another identity's job is as good as absent: NOT_FOUND says nothing about whether it exists
         if rec is None or (rec.owner is not None and rec.owner != self.owner(context)):
@@ -417,6 +442,10 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
 
     def Attach(self, request: pb.AttachRequest, context: grpc.ServicerContext) -> Iterator[pb.AttachResponse]:
         rec = self._record(request.job_id, context)
+        if request.result_offset > rec.upload.nbytes:
+            context.abort_with_status(errors.bad_request(
+                f"result_offset {request.result_offset} is past the end of the output ({rec.upload.nbytes} bytes)",
+                ["result_offset"]))
         who = self.identity(context)
         why = self.caps.enter_attach(rec.id, who)
         if why:
@@ -424,7 +453,8 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             if held is not None:
                 logs.event("attach_refused", level=30, job_id=rec.id, client=who, peer=context.peer(), reason=why,
                            suppressed=held)
-            context.abort_with_status(_retry_status(why + "; close another stream or retry later", 5.0))
+            context.abort_with_status(errors.exhausted(why + "; close another stream or retry later", 5.0,
+                                                       pb.ERROR_REASON_TOO_MANY_ATTACH_STREAMS))
         once = _Once(lambda: self.caps.leave_attach(rec.id, who))
         if not context.add_callback(once):
             once()
@@ -432,7 +462,7 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             rec.attaches += 1
             logs.event("job_attached", job_id=rec.id, peer=context.peer(), client=who,
                        state=pb.JobState.Name(rec.state))
-            yield from self._follow(rec, context, pb.AttachResponse)
+            yield from self._follow(rec, context, pb.AttachResponse, result_offset=request.result_offset)
         finally:
             once()
 
@@ -468,7 +498,8 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             max_upload_bytes=self.limits.max_upload_bytes, result_ttl_seconds=cfg.result_ttl,
             min_seconds=self.limits.min_seconds, upload_idle_timeout_seconds=self.upload_idle_timeout,
             max_attach_per_job=self.caps.per_job, max_attach_per_client=self.caps.per_client,
-            memory_budget_bytes=self.sched.memory.total)
+            memory_budget_bytes=self.sched.memory.total, max_message_bytes=MAX_MESSAGE_BYTES,
+            heartbeat_seconds=HEARTBEAT_S)
         return pb.GetServerInfoResponse(
             version=cloak.__version__, state=self.sched.serving_state,
             models=[pb.ModelInfo(name=i.name, sha256=i.sha256 or "", device=i.device, dtype=i.dtype)
@@ -476,3 +507,29 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             limits=limits, queue_depth=snap["queue_depth"], active_jobs=snap["active_jobs"], device=self.device,
             defaults=pcm.config_to_settings(cloak.ProtectConfig()),
             uptime_seconds=time.monotonic() - self.started)
+
+    def EstimateJob(self, request: pb.EstimateJobRequest, context: grpc.ServicerContext) -> pb.EstimateJobResponse:
+        header = pb.ProtectHeader()
+        header.CopyFrom(request.header)
+        if not header.sha256:
+            header.sha256 = "0" * 64  # no PCM is sent: nothing to check it against
+        try:
+            upload = self._check_header(header)
+        except pcm.InvalidInput as e:
+            context.abort_with_status(errors.invalid(e))
+        need, too_large = self._too_large(upload)
+        if too_large is not None:
+            context.abort_with_status(too_large)
+        windows, _ = window_plan_size(upload.frames, upload.sample_rate, upload.config.window_seconds,
+                                      upload.config.overlap_seconds)
+        snap = self.sched.snapshot()
+        out = pb.EstimateJobResponse(
+            windows=windows, iterations=windows * upload.config.iterations, memory_bytes=need.peak,
+            memory_free_bytes=max(0, self.sched.memory.free), queue_depth=snap["queue_depth"],
+            active_jobs=snap["active_jobs"], state=self.sched.serving_state)
+        est, backlog = self.sched.estimate(upload), self.sched.backlog_seconds()
+        if est is not None:
+            out.protect_seconds = est
+        if backlog is not None:
+            out.backlog_seconds = backlog
+        return out

@@ -359,7 +359,7 @@ def _bad_cases():
 def test_bad_inputs_are_invalid_argument_and_the_server_keeps_serving(ch, server):
     s = stub(ch)
     for name, msgs, expect in _bad_cases():
-        events, code, details = raw_protect(s, msgs, timeout=20)
+        events, code, details = raw_protect(s, msgs, timeout=300)  # never below the server's estimate
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (name, code, details)
         assert expect in details, (name, details)
         assert not events, name
@@ -553,7 +553,8 @@ def test_queued_stream_gets_heartbeats(models, monkeypatch):
             if len(got) == 4:
                 break
         assert got[0].WhichOneof("kind") == "accepted" and len({e.job_id for e in got}) == 1
-        assert all(e == got[0] for e in got[1:])  # the same state again while nothing changes
+        # the same state again while nothing changes, marked as a heartbeat
+        assert not got[0].heartbeat and all(e.heartbeat and e.accepted == got[0].accepted for e in got[1:])
         call_a.cancel()
         call_b.cancel()
         wait_for(lambda: srv.scheduler.snapshot() == {"queue_depth": 0, "active_jobs": 0})

@@ -27,7 +27,8 @@ def test_generated_code_describes_the_proto_files():
     fd = descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb)
     assert fd.name == "cloak/v1/cloak_service.proto" and fd.package == "cloak.v1"
     assert (ROOT / "proto" / fd.name).is_file()
-    assert [m.name for m in fd.service[0].method] == ["Protect", "Attach", "Cancel", "GetJob", "GetServerInfo"]
+    assert [m.name for m in fd.service[0].method] == ["Protect", "Attach", "Cancel", "GetJob", "GetServerInfo",
+                                                         "EstimateJob"]
 
 
 @pytest.mark.skipif(shutil.which("buf") is None, reason="buf CLI not installed (pip install buf-bin)")

@@ -15,6 +15,17 @@ class SampleEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SAMPLE_ENCODING_FLOAT32: _ClassVar[SampleEncoding]
     SAMPLE_ENCODING_INT16: _ClassVar[SampleEncoding]
 
+class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_REASON_UNSPECIFIED: _ClassVar[ErrorReason]
+    ERROR_REASON_QUEUE_FULL: _ClassVar[ErrorReason]
+    ERROR_REASON_MEMORY_BUSY: _ClassVar[ErrorReason]
+    ERROR_REASON_TOO_MANY_UPLOADS: _ClassVar[ErrorReason]
+    ERROR_REASON_TOO_MANY_ATTACH_STREAMS: _ClassVar[ErrorReason]
+    ERROR_REASON_DEADLINE_TOO_SHORT: _ClassVar[ErrorReason]
+    ERROR_REASON_UPLOAD_IDLE: _ClassVar[ErrorReason]
+    ERROR_REASON_JOB_TOO_LARGE: _ClassVar[ErrorReason]
+
 class Gender(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     GENDER_UNSPECIFIED: _ClassVar[Gender]
@@ -54,6 +65,14 @@ class ServingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 SAMPLE_ENCODING_UNSPECIFIED: SampleEncoding
 SAMPLE_ENCODING_FLOAT32: SampleEncoding
 SAMPLE_ENCODING_INT16: SampleEncoding
+ERROR_REASON_UNSPECIFIED: ErrorReason
+ERROR_REASON_QUEUE_FULL: ErrorReason
+ERROR_REASON_MEMORY_BUSY: ErrorReason
+ERROR_REASON_TOO_MANY_UPLOADS: ErrorReason
+ERROR_REASON_TOO_MANY_ATTACH_STREAMS: ErrorReason
+ERROR_REASON_DEADLINE_TOO_SHORT: ErrorReason
+ERROR_REASON_UPLOAD_IDLE: ErrorReason
+ERROR_REASON_JOB_TOO_LARGE: ErrorReason
 GENDER_UNSPECIFIED: Gender
 GENDER_AUTO: Gender
 GENDER_FEMALE: Gender
@@ -158,10 +177,12 @@ class ProtectResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[JobEvent, _Mapping]] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "result_offset")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    result_offset: int
+    def __init__(self, job_id: _Optional[str] = ..., result_offset: _Optional[int] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
     __slots__ = ("event",)
@@ -170,7 +191,7 @@ class AttachResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[JobEvent, _Mapping]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "accepted", "queued", "started", "progress", "result_chunk", "done")
+    __slots__ = ("job_id", "accepted", "queued", "started", "progress", "result_chunk", "done", "heartbeat")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +199,7 @@ class JobEvent(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_CHUNK_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     accepted: Accepted
     queued: Queued
@@ -185,19 +207,22 @@ class JobEvent(_message.Message):
     progress: JobProgress
     result_chunk: ResultChunk
     done: Done
-    def __init__(self, job_id: _Optional[str] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., result_chunk: _Optional[_Union[ResultChunk, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...
+    heartbeat: bool
+    def __init__(self, job_id: _Optional[str] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., result_chunk: _Optional[_Union[ResultChunk, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., heartbeat: _Optional[bool] = ...) -> None: ...
 
 class Accepted(_message.Message):
-    __slots__ = ("queue_position", "frames", "sample_rate", "channels")
+    __slots__ = ("queue_position", "frames", "sample_rate", "channels", "estimated_seconds")
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     queue_position: int
     frames: int
     sample_rate: int
     channels: int
-    def __init__(self, queue_position: _Optional[int] = ..., frames: _Optional[int] = ..., sample_rate: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
+    estimated_seconds: float
+    def __init__(self, queue_position: _Optional[int] = ..., frames: _Optional[int] = ..., sample_rate: _Optional[int] = ..., channels: _Optional[int] = ..., estimated_seconds: _Optional[float] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("queue_position", "models_loading")
@@ -389,7 +414,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_queue", "max_batch", "max_seconds", "max_chunk_bytes", "min_sample_rate", "max_sample_rate", "max_channels", "max_upload_bytes", "result_ttl_seconds", "min_seconds", "memory_budget_bytes", "upload_idle_timeout_seconds", "max_attach_per_job", "max_attach_per_client")
+    __slots__ = ("max_queue", "max_batch", "max_seconds", "max_chunk_bytes", "min_sample_rate", "max_sample_rate", "max_channels", "max_upload_bytes", "result_ttl_seconds", "min_seconds", "memory_budget_bytes", "upload_idle_timeout_seconds", "max_attach_per_job", "max_attach_per_client", "max_message_bytes", "heartbeat_seconds")
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -404,6 +429,8 @@ class ServerLimits(_message.Message):
     UPLOAD_IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTACH_PER_JOB_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTACH_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     max_queue: int
     max_batch: int
     max_seconds: float
@@ -418,4 +445,34 @@ class ServerLimits(_message.Message):
     upload_idle_timeout_seconds: float
     max_attach_per_job: int
     max_attach_per_client: int
-    def __init__(self, max_queue: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_seconds: _Optional[float] = ..., max_chunk_bytes: _Optional[int] = ..., min_sample_rate: _Optional[int] = ..., max_sample_rate: _Optional[int] = ..., max_channels: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., result_ttl_seconds: _Optional[float] = ..., min_seconds: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., max_attach_per_job: _Optional[int] = ..., max_attach_per_client: _Optional[int] = ...) -> None: ...
+    max_message_bytes: int
+    heartbeat_seconds: float
+    def __init__(self, max_queue: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_seconds: _Optional[float] = ..., max_chunk_bytes: _Optional[int] = ..., min_sample_rate: _Optional[int] = ..., max_sample_rate: _Optional[int] = ..., max_channels: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., result_ttl_seconds: _Optional[float] = ..., min_seconds: _Optional[float] = ..., memory_budget_bytes: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., max_attach_per_job: _Optional[int] = ..., max_attach_per_client: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
+
+class EstimateJobRequest(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: ProtectHeader
+    def __init__(self, header: _Optional[_Union[ProtectHeader, _Mapping]] = ...) -> None: ...
+
+class EstimateJobResponse(_message.Message):
+    __slots__ = ("protect_seconds", "backlog_seconds", "windows", "iterations", "memory_bytes", "memory_free_bytes", "queue_depth", "active_jobs", "state")
+    PROTECT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_JOBS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    protect_seconds: float
+    backlog_seconds: float
+    windows: int
+    iterations: int
+    memory_bytes: int
+    memory_free_bytes: int
+    queue_depth: int
+    active_jobs: int
+    state: ServingState
+    def __init__(self, protect_seconds: _Optional[float] = ..., backlog_seconds: _Optional[float] = ..., windows: _Optional[int] = ..., iterations: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., queue_depth: _Optional[int] = ..., active_jobs: _Optional[int] = ..., state: _Optional[_Union[ServingState, str]] = ...) -> None: ...

@@ -62,6 +62,11 @@ class CloakServiceStub:
                 request_serializer=cloak_dot_v1_dot_cloak__service__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=cloak_dot_v1_dot_cloak__service__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.EstimateJob = channel.unary_unary(
+                '/cloak.v1.CloakService/EstimateJob',
+                request_serializer=cloak_dot_v1_dot_cloak__service__pb2.EstimateJobRequest.SerializeToString,
+                response_deserializer=cloak_dot_v1_dot_cloak__service__pb2.EstimateJobResponse.FromString,
+                _registered_method=True)
 
 
 class CloakServiceServicer:
@@ -77,7 +82,7 @@ class CloakServiceServicer:
 
     def Attach(self, request, context):
         """Follow a running or finished job again by id (after a dropped connection). Finished results are kept
-        for ServerLimits.result_ttl_seconds.
+        for ServerLimits.result_ttl_seconds. See AttachRequest for what is replayed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,6 +104,15 @@ class CloakServiceServicer:
 
     def GetServerInfo(self, request, context):
         """Version, resident models, limits and load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EstimateJob(self, request, context):
+        """What a Protect call with this header would take, without sending any PCM: the header is validated exactly as
+        Protect validates it (INVALID_ARGUMENT with a google.rpc.BadRequest), and the answer carries the server's
+        time estimate, the figure Protect compares with the call's deadline. No model work: cheap.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +145,11 @@ def add_CloakServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=cloak_dot_v1_dot_cloak__service__pb2.GetServerInfoRequest.FromString,
                     response_serializer=cloak_dot_v1_dot_cloak__service__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'EstimateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.EstimateJob,
+                    request_deserializer=cloak_dot_v1_dot_cloak__service__pb2.EstimateJobRequest.FromString,
+                    response_serializer=cloak_dot_v1_dot_cloak__service__pb2.EstimateJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +288,33 @@ class CloakService:
             '/cloak.v1.CloakService/GetServerInfo',
             cloak_dot_v1_dot_cloak__service__pb2.GetServerInfoRequest.SerializeToString,
             cloak_dot_v1_dot_cloak__service__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EstimateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloak.v1.CloakService/EstimateJob',
+            cloak_dot_v1_dot_cloak__service__pb2.EstimateJobRequest.SerializeToString,
+            cloak_dot_v1_dot_cloak__service__pb2.EstimateJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
