@@ -109,21 +109,6 @@ def service_config(health_check: bool = True) -> str:
     return json.dumps(cfg)
 
 
-def settings_from_config(config: ProtectConfig, pb: Any) -> Any:
-    s = pb.ProtectSettings(epsilon=config.epsilon, step_size=config.step_size, iterations=config.iterations,
-                           repeats=config.repeats, t_adv=config.t_adv, weights=list(config.weights), seed=config.seed,
-                           source_frames=config.source_frames, window_seconds=config.window_seconds,
-                           overlap_seconds=config.overlap_seconds, inference_steps=config.inference_steps,
-                           early_stop=config.early_stop, early_stop_every=config.early_stop_every,
-                           early_stop_identity_drop=config.early_stop_identity_drop,
-                           early_stop_quality=config.early_stop_quality, shaping=config.shaping,
-                           masking_margin_db=config.masking_margin_db, masking_exponent=config.masking_exponent)
-    s.id_encoders.extend(pb.SpeakerEncoder.Value(f"SPEAKER_ENCODER_{e.upper()}") for e in config.id_encoders)
-    s.losses.extend(pb.LossTerm.Value(f"LOSS_TERM_{k.upper()}") for k in config.losses)
-    s.gender = pb.Gender.Value(f"GENDER_{config.gender.upper()}")
-    return s
-
-
 class RemoteProtector:
     """Protect recordings on a VoiceCloak server (or several, load-balanced)."""
 
@@ -133,10 +118,11 @@ class RemoteProtector:
                  options: list[tuple[str, Any]] | None = None) -> None:
         import grpc
 
+        from server import wire
         from server.gen import cloak_service_pb2 as pb
         from server.gen import cloak_service_pb2_grpc as pb_grpc
 
-        self._grpc, self._pb = grpc, pb
+        self._grpc, self._pb, self._wire = grpc, pb, wire
         self.target = target
         self.chunk_bytes = int(chunk_bytes)
         self.client_name = client_name
@@ -215,7 +201,7 @@ class RemoteProtector:
             version=r.version, state=pb.ServingState.Name(r.state).removeprefix("SERVING_STATE_"),
             models=[ModelDescription(m.name, m.sha256, m.device, m.dtype) for m in r.models], limits=limits,
             queue_depth=r.queue_depth, active_jobs=r.active_jobs, device=r.device,
-            defaults=_config_from_settings(r.defaults, pb))
+            defaults=self._wire.settings_to_config(r.defaults))
 
     def cancel(self, job_id: str, tries: int = 8, timeout: float | None = 10.0) -> str:
         r = self._by_id(self.stub.Cancel, self._pb.CancelRequest(job_id=job_id), tries, timeout)
@@ -246,20 +232,14 @@ class RemoteProtector:
             encoding = "int16" if arr.dtype == np.int16 else "float32"
         if encoding not in ("float32", "int16"):
             raise ConfigError(f"encoding must be float32 or int16, got {encoding!r}")
-        if arr.dtype == np.int16 and encoding == "int16":
-            samples = validate_samples(arr, sample_rate, name="audio")
-            data = np.ascontiguousarray(arr, dtype="<i2").tobytes()
-        else:
-            samples = validate_samples(arr, sample_rate, name="audio")
-            if encoding == "int16":
-                data = np.clip(np.rint(samples.astype(np.float64) * 32768), -32768, 32767).astype("<i2").tobytes()
-            else:
-                data = np.ascontiguousarray(samples, dtype="<f4").tobytes()
+        samples = validate_samples(arr, sample_rate, name="audio")
+        wire_encoding = self._wire.ENCODING_ENUM[encoding]
+        data = self._wire.encode(samples, wire_encoding)  # int16 input: exactly its own samples
         channels = 1 if samples.ndim == 1 else samples.shape[1]
         header = pb.ProtectHeader(
             sample_rate=sample_rate, channels=channels, frames=samples.shape[0],
-            encoding=pb.SAMPLE_ENCODING_INT16 if encoding == "int16" else pb.SAMPLE_ENCODING_FLOAT32,
-            sha256=hashlib.sha256(data).hexdigest(), settings=settings_from_config(config, pb),
+            encoding=wire_encoding, sha256=hashlib.sha256(data).hexdigest(),
+            settings=self._wire.config_to_settings(config),
             keep_on_disconnect=keep_on_disconnect, client_name=self.client_name)
 
         def requests() -> Iterator[Any]:
@@ -341,7 +321,7 @@ class RemoteProtector:
             watcher.start()
         try:
             for response in call:
-                result = state.feed(response.event, self._pb)
+                result = state.feed(response.event, self._wire)
                 if result is not None:
                     return result
             raise RemoteError("INTERNAL", "the server ended the stream without a result")
@@ -365,7 +345,7 @@ class _Follow:
         self.job_id: str | None = None
         self.buf = bytearray()
 
-    def feed(self, ev: Any, pb: Any) -> RemoteResult | None:
+    def feed(self, ev: Any, wire: Any) -> RemoteResult | None:
         if self.on_event is not None:
             self.on_event(ev)
         kind = ev.WhichOneof("kind")
@@ -394,37 +374,14 @@ class _Follow:
             digest = hashlib.sha256(data).hexdigest()
             if digest != d.sha256:
                 raise RemoteError("DATA_LOSS", f"result sha256 {digest} does not match the server's {d.sha256}")
-            if d.encoding == pb.SAMPLE_ENCODING_INT16:
-                audio = (np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0)
-            else:
-                audio = np.frombuffer(data, dtype="<f4").astype(np.float32)
             assert self.shape is not None and self.sample_rate is not None
-            audio = audio.reshape(self.shape)
-            return RemoteResult(audio, int(self.sample_rate), _metrics_dict(d.metrics, pb), self.job_id or "",
+            audio = wire.decode(data, d.encoding, 1).reshape(self.shape)
+            return RemoteResult(audio, int(self.sample_rate), _metrics_dict(d.metrics, wire), self.job_id or "",
                                 d.sha256)
         return None
 
 
-def _config_from_settings(s: Any, pb: Any) -> ProtectConfig:
-    values: dict[str, Any] = {}
-    for name in ("epsilon", "step_size", "iterations", "repeats", "t_adv", "seed", "source_frames", "window_seconds",
-                 "overlap_seconds", "inference_steps", "early_stop", "early_stop_every", "early_stop_identity_drop",
-                 "early_stop_quality", "shaping", "masking_margin_db", "masking_exponent"):
-        if s.HasField(name):
-            values[name] = getattr(s, name)
-    if len(s.weights) == 4:
-        values["weights"] = tuple(s.weights)
-    if len(s.id_encoders):
-        values["id_encoders"] = tuple(pb.SpeakerEncoder.Name(e).removeprefix("SPEAKER_ENCODER_").lower()
-                                      for e in s.id_encoders)
-    if len(s.losses):
-        values["losses"] = tuple(pb.LossTerm.Name(e).removeprefix("LOSS_TERM_").lower() for e in s.losses)
-    if s.gender:
-        values["gender"] = pb.Gender.Name(s.gender).removeprefix("GENDER_").lower()
-    return ProtectConfig(**values)
-
-
-def _metrics_dict(m: Any, pb: Any) -> dict[str, Any]:
+def _metrics_dict(m: Any, wire: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
         "snr_db": m.snr_db, "linf": m.linf, "losses_start": dict(m.losses_start), "losses_end": dict(m.losses_end),
         "iterations": m.iterations, "windows": m.windows, "seconds": m.seconds, "queued_seconds": m.queued_seconds,
@@ -434,7 +391,7 @@ def _metrics_dict(m: Any, pb: Any) -> dict[str, Any]:
         out["warning"] = m.warning
         out["snr_db"] = None
     if m.HasField("settings"):
-        out["config"] = _config_from_settings(m.settings, pb).to_dict()
+        out["config"] = wire.settings_to_config(m.settings).to_dict()
     if m.details_json:
         details = json.loads(m.details_json)
         out["history"] = details.get("history")

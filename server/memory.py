@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 from cloak.features import DIFFVC_HOP, DIFFVC_RATE
 
-from . import pcm
+from . import pcm, wire
+from .gen import cloak_service_pb2 as pb
 
 MIB = 1 << 20
 PER_SAMPLE_OUT = 64  # bytes per input sample (frames x channels) while the result is made and encoded
@@ -64,7 +65,7 @@ def estimate(up: pcm.Upload, unet_scale: float = 1.0) -> Estimate:
     r, sf = cfg.repeats, cfg.source_frames
     unet = int(UNET_MARGIN * MIB * (72 + unet_scale * (35.4 * w + 15.7 * r * w + 1.02 * r * sf + 0.047 * p * sf
                                                        + 3.64 * r)))
-    out = PER_SAMPLE_OUT_INT16 if up.encoding == pcm.pb.SAMPLE_ENCODING_INT16 else PER_SAMPLE_OUT
+    out = PER_SAMPLE_OUT_INT16 if up.encoding == pb.SAMPLE_ENCODING_INT16 else PER_SAMPLE_OUT
     data = 4 * samples + out * samples + PER_SAMPLE_22K * n22
     upload = up.nbytes + 4 * samples
     return Estimate(upload, data + unet, unet, "settings.repeats" if unet > data else "header.frames")
@@ -133,7 +134,7 @@ def measure(models_dir: str | None, seconds: float, rate: int, channels: int, re
     from cloak.protect import ProtectionJob, run_jobs
 
     models = load_models(models_dir)
-    enc = pcm.pb.SAMPLE_ENCODING_INT16 if encoding == "int16" else pcm.pb.SAMPLE_ENCODING_FLOAT32
+    enc = pb.SAMPLE_ENCODING_INT16 if encoding == "int16" else pb.SAMPLE_ENCODING_FLOAT32
     frames = int(seconds * rate)
     cfg = ProtectConfig(iterations=1, repeats=repeats, t_adv=t_adv, window_seconds=window, source_frames=source_frames,
                         overlap_seconds=min(1.0, window / 2), gender="male")
@@ -149,7 +150,7 @@ def measure(models_dir: str | None, seconds: float, rate: int, channels: int, re
     run_jobs(jobs, max_batch=batch)
     for job in jobs:
         res = job.result()
-        pcm.encode(res.audio, enc, reference=job.samples, epsilon=cfg.epsilon)
+        wire.encode(res.audio, enc, reference=job.samples, epsilon=cfg.epsilon)
         del res
     peak = _proc_status("VmHWM") - base
     return peak, batch * (est.job - 4 * up.frames * up.channels)  # the input array itself is outside both

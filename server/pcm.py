@@ -1,4 +1,4 @@
-"""The wire format: header and settings validation, PCM decoding and encoding.
+"""Uploads: header validation and the PCM receiver (the settings and PCM formats themselves are server.wire's).
 
 Every problem raises InvalidInput, whose message names the field or the message at fault; the servicer turns it
 into INVALID_ARGUMENT.
@@ -7,42 +7,19 @@ into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
-from cloak import AudioError, ConfigError, ProtectConfig
+from cloak import AudioError, ProtectConfig
 from cloak.audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, validate_samples
-from cloak.config import LOSS_NAMES
 
 from .config import MAX_CHUNK_BYTES, MIN_SECONDS
 from .gen import cloak_service_pb2 as pb
+from .wire import ENCODINGS, InvalidInput, decode, settings_to_config
 
-ENCODINGS: dict[int, tuple[str, np.dtype]] = {
-    pb.SAMPLE_ENCODING_FLOAT32: ("float32", np.dtype("<f4")),
-    pb.SAMPLE_ENCODING_INT16: ("int16", np.dtype("<i2")),
-}
-GENDERS = {pb.GENDER_UNSPECIFIED: None, pb.GENDER_AUTO: "auto", pb.GENDER_FEMALE: "female", pb.GENDER_MALE: "male"}
-GENDER_ENUM = {"auto": pb.GENDER_AUTO, "female": pb.GENDER_FEMALE, "male": pb.GENDER_MALE}
-ENCODERS = {pb.SPEAKER_ENCODER_GE2E: "ge2e", pb.SPEAKER_ENCODER_WAVLM: "wavlm"}
-ENCODER_ENUM = {v: k for k, v in ENCODERS.items()}
-LOSSES = {pb.LOSS_TERM_ID: "id", pb.LOSS_TERM_CTX: "ctx", pb.LOSS_TERM_SCORE: "score", pb.LOSS_TERM_SEM: "sem"}
-LOSS_ENUM = {v: k for k, v in LOSSES.items()}
-_SCALAR_FIELDS = ("epsilon", "step_size", "iterations", "repeats", "t_adv", "seed", "source_frames", "window_seconds",
-                  "overlap_seconds", "inference_steps", "early_stop", "early_stop_every", "early_stop_identity_drop",
-                  "early_stop_quality", "shaping", "masking_margin_db", "masking_exponent")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-# Loss weights: sign-PGD is invariant to a common scale, but float32 is not: a weight of 1e308 turns the loss into
-# inf (NaN gradient, no step) and one of 5e-324 into 0 (zero gradient, no step). Both came back "OK" with an
-# unchanged output, so weights are held to a range where every loss term keeps its gradient.
-MAX_WEIGHT = 1e6
-MIN_POSITIVE_WEIGHT = 1e-6
-
-
-class InvalidInput(ValueError):
-    """The request is malformed; the message names the problem (INVALID_ARGUMENT)."""
 
 
 @dataclass(frozen=True)
@@ -71,74 +48,6 @@ class Upload:
     @property
     def nbytes(self) -> int:
         return self.frames * self.channels * self.dtype.itemsize
-
-
-def settings_to_config(s: pb.ProtectSettings) -> ProtectConfig:
-    """ProtectConfig from wire settings; unset fields take ProtectConfig's defaults."""
-    values: dict[str, object] = {}
-    for name in _SCALAR_FIELDS:
-        if s.HasField(name):
-            v = getattr(s, name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise InvalidInput(f"settings.{name} must be a finite number, got {v}")
-            values[name] = v
-    if len(s.weights):
-        if len(s.weights) != 4:
-            raise InvalidInput(f"settings.weights must be empty (defaults) or exactly 4 numbers (id, ctx, score, sem), "
-                               f"got {len(s.weights)}")
-        for i, (term, w) in enumerate(zip(LOSS_NAMES, s.weights, strict=True)):
-            if not math.isfinite(w):
-                raise InvalidInput(f"settings.weights[{i}] ({term}) must be a finite number, got {w}")
-            if w > MAX_WEIGHT or 0 < w < MIN_POSITIVE_WEIGHT:
-                raise InvalidInput(f"settings.weights[{i}] ({term}) = {w:g}: each weight must be 0 or in "
-                                   f"[{MIN_POSITIVE_WEIGHT:g}, {MAX_WEIGHT:g}]")
-        values["weights"] = tuple(s.weights)
-    if len(s.id_encoders):
-        bad = [e for e in s.id_encoders if e not in ENCODERS]
-        if bad:
-            raise InvalidInput(f"settings.id_encoders: unknown value(s) {bad}; use SPEAKER_ENCODER_GE2E / _WAVLM")
-        values["id_encoders"] = tuple(dict.fromkeys(ENCODERS[e] for e in s.id_encoders))
-    if s.gender not in GENDERS:
-        raise InvalidInput(f"settings.gender: unknown value {s.gender}")
-    if GENDERS[s.gender] is not None:
-        values["gender"] = GENDERS[s.gender]
-    if len(s.losses):
-        bad = [e for e in s.losses if e not in LOSSES]
-        if bad:
-            raise InvalidInput(f"settings.losses: unknown value(s) {bad}; use LOSS_TERM_ID/_CTX/_SCORE/_SEM")
-        values["losses"] = tuple(dict.fromkeys(LOSSES[e] for e in s.losses))
-    try:
-        cfg = ProtectConfig(**values)
-    except ConfigError as e:
-        raise InvalidInput(f"settings.{e}") from e
-    except (TypeError, ValueError, OverflowError) as e:
-        raise InvalidInput(f"settings: {e}") from e
-    if not any(w > 0 for w in cfg.loss_weights.values()):
-        raise InvalidInput(f"settings.weights: no enabled loss term has a positive weight (weights "
-                           f"{dict(zip(LOSS_NAMES, cfg.weights, strict=True))}, enabled terms "
-                           f"{list(cfg.losses)}): nothing would be optimised and the output would not be protected")
-    return cfg
-
-
-def config_to_settings(cfg: ProtectConfig) -> pb.ProtectSettings:
-    """Every field set explicitly (for echoing effective settings and the server's defaults)."""
-    s = pb.ProtectSettings(
-        weights=list(cfg.weights),
-        id_encoders=[ENCODER_ENUM[e] for e in cfg.id_encoders],
-        gender=GENDER_ENUM[cfg.gender],
-        losses=[LOSS_ENUM[k] for k in cfg.losses],
-    )
-    for name in _SCALAR_FIELDS:
-        setattr(s, name, getattr(cfg, name))
-    return s
-
-
-def check_settings_cover_config() -> None:
-    """Fail loudly if ProtectConfig grows a field the wire format does not carry (checked by the tests)."""
-    carried = set(_SCALAR_FIELDS) | {"weights", "id_encoders", "gender", "losses"}
-    missing = {f.name for f in fields(ProtectConfig)} - carried
-    if missing:
-        raise AssertionError(f"ProtectSettings does not carry ProtectConfig field(s) {sorted(missing)}")
 
 
 def validate_header(h: pb.ProtectHeader, limits: Limits) -> Upload:
@@ -211,28 +120,6 @@ class Receiver:
                                     max_seconds=self.limits.max_seconds)
         except AudioError as e:
             raise InvalidInput(str(e)) from e
-
-
-def encode(audio: np.ndarray, encoding: int, reference: np.ndarray | None = None, epsilon: float = 0.0) -> bytes:
-    """PCM bytes of float32 audio in the wire encoding. For int16 the output is quantised onto the 16-bit grid
-    within +-epsilon of `reference` (the input, which was on that grid): the budget holds on what is stored."""
-    if encoding == pb.SAMPLE_ENCODING_FLOAT32:
-        return np.ascontiguousarray(audio, dtype="<f4").tobytes()
-    full = 32768.0
-    q = np.rint(audio.astype(np.float64) * full)
-    if reference is not None:
-        x = reference.astype(np.float64) * full
-        lo, hi = np.ceil(x - epsilon * full), np.floor(x + epsilon * full)
-        q = np.clip(q, lo, hi)
-    return np.clip(q, -full, full - 1).astype("<i2").tobytes()
-
-
-def decode(data: bytes, encoding: int, channels: int) -> np.ndarray:
-    """float32 samples, (frames,) for mono and (frames, channels) otherwise."""
-    dtype = ENCODINGS[encoding][1]
-    raw = np.frombuffer(data, dtype=dtype)
-    x = raw.astype(np.float32) / 32768.0 if encoding == pb.SAMPLE_ENCODING_INT16 else raw.astype(np.float32)
-    return x if channels == 1 else x.reshape(-1, channels)
 
 
 def delivered_linf(data: bytes, encoding: int, reference: np.ndarray, block: int = 1 << 20) -> float:

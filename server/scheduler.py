@@ -31,7 +31,7 @@ from cloak.bundle import Models
 from cloak.features import DIFFVC_HOP, DIFFVC_RATE
 from cloak.protect import ProtectionJob, pgd_step
 
-from . import logs, memory, pcm
+from . import logs, memory, pcm, wire
 from .config import ServerConfig
 from .gen import cloak_service_pb2 as pb
 from .guard import StepGuard
@@ -434,7 +434,7 @@ class Scheduler:
         logs.event("job_accepted", job_id=rec.id, client=rec.client, client_name=rec.client_name, peer=rec.peer,
                    frames=rec.upload.frames,
                    sample_rate=rec.upload.sample_rate, channels=rec.upload.channels,
-                   encoding=pcm.ENCODINGS[rec.upload.encoding][0], queue_position=rec.queue_position,
+                   encoding=wire.ENCODINGS[rec.upload.encoding][0], queue_position=rec.queue_position,
                    iterations=rec.config.iterations, seed=rec.config.seed)
 
     def not_accepting_reason(self) -> str:
@@ -707,7 +707,7 @@ class Scheduler:
         try:
             res = rec.job.result()
             up = rec.upload
-            out = pcm.encode(res.audio, up.encoding, reference=rec.samples, epsilon=rec.config.epsilon)
+            out = wire.encode(res.audio, up.encoding, reference=rec.samples, epsilon=rec.config.epsilon)
             m = res.metrics
             queued = (rec.started_at or rec.accepted_at) - rec.accepted_at
             linf = pcm.delivered_linf(out, up.encoding, rec.samples)
@@ -722,7 +722,7 @@ class Scheduler:
                 losses_end=m["losses_end"], iterations=int(m["iterations"]), windows=int(m["windows"]),
                 seconds=time.monotonic() - (rec.started_at or rec.accepted_at), queued_seconds=queued,
                 gender=str(m.get("gender", "")), opposite_speaker=str(m.get("opposite_speaker", "")),
-                model=str(m.get("model", "")), settings=pcm.config_to_settings(rec.config),
+                model=str(m.get("model", "")), settings=wire.config_to_settings(rec.config),
                 details_json=json.dumps(details, default=_jsonable))
             done = pb.Done(sha256=pcm.sha256_hex(out), frames=up.frames, encoding=up.encoding, metrics=metrics)
         except Exception as e:  # noqa: BLE001

@@ -13,7 +13,7 @@ import grpc
 
 import cloak
 
-from . import errors, logs, memory, pcm
+from . import errors, logs, memory, pcm, wire
 from .config import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
 from .gen import cloak_service_pb2 as pb
 from .gen import cloak_service_pb2_grpc as pb_grpc
@@ -505,7 +505,7 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             models=[pb.ModelInfo(name=i.name, sha256=i.sha256 or "", device=i.device, dtype=i.dtype)
                     for i in (models.info if models is not None else [])],
             limits=limits, queue_depth=snap["queue_depth"], active_jobs=snap["active_jobs"], device=self.device,
-            defaults=pcm.config_to_settings(cloak.ProtectConfig()),
+            defaults=wire.config_to_settings(cloak.ProtectConfig()),
             uptime_seconds=time.monotonic() - self.started)
 
     def EstimateJob(self, request: pb.EstimateJobRequest, context: grpc.ServicerContext) -> pb.EstimateJobResponse:

@@ -34,7 +34,6 @@ from test_server_helpers import (
 from clients.remote import RemoteProtector, ServerUnavailable
 from cloak import AudioError, ConfigError, protect
 from cloak.protect import ProtectionJob, run_jobs
-from server import pcm
 from server.config import ServerConfig, ServerConfigError, is_loopback, split_listen
 from server.gen import cloak_service_pb2 as pb
 from server.scheduler import FairQueue
@@ -81,15 +80,6 @@ def _long_job(s, seconds: float = 1.0, **kw):
 
 
 # ------------------------------------------------------------------------------------------- contract
-def test_settings_carry_every_protect_config_field():
-    pcm.check_settings_cover_config()
-    cfg = fast(epsilon=0.003, step_size=1e-4, weights=(1, 2, 3, 4), seed=9, losses=("id", "sem"),
-               window_seconds=3.0, overlap_seconds=0.5, inference_steps=50)
-    assert pcm.settings_to_config(pcm.config_to_settings(cfg)) == cfg
-    assert pcm.settings_to_config(pb.ProtectSettings()) == pcm.settings_to_config(pcm.config_to_settings(
-        pcm.settings_to_config(pb.ProtectSettings())))
-
-
 def test_server_info(ch, server, models):
     info = stub(ch).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
     assert info.state == pb.SERVING_STATE_SERVING and info.version

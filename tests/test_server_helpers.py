@@ -90,9 +90,9 @@ def header(audio: np.ndarray, sr: int, settings: pb.ProtectSettings | None = Non
 
 
 def fast_settings(**kw: Any) -> pb.ProtectSettings:
-    from clients.remote import settings_from_config
+    from server.wire import config_to_settings
 
-    return settings_from_config(fast(**kw), pb)
+    return config_to_settings(fast(**kw))
 
 
 def messages(h: pb.ProtectHeader | None, data: bytes, chunk: int = 65536) -> list[pb.ProtectRequest]:
