@@ -68,6 +68,7 @@ from cloak import (
 )
 from cloak.audio import fit_to_budget, output_problem, output_subtype, passthrough_reason, read_exact
 from cloak.config import SHAPINGS, Gender
+from cloak.files import jsonable
 from cloak.sample import SAMPLE_CREDIT, sample_path
 
 from .remote import ServerUnavailable
@@ -111,7 +112,7 @@ class UsageError(Exception):
     """Bad command line or settings: exit code 2."""
 
 
-def _err(msg: str) -> None:
+def print_error(msg: str) -> None:
     print(f"cloak: {msg}", file=sys.stderr, flush=True)
 
 
@@ -119,7 +120,7 @@ def _debug() -> bool:
     return os.environ.get(ENV_DEBUG, "") not in ("", "0")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32)
 
@@ -351,7 +352,7 @@ def _device_arg(value: str) -> str:
     raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
 
 
-def _add_common_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
+def add_common_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("--models", metavar="DIR",
                    help=f"model bundle directory (default: ${ENV_MODELS}, then the config file, "
                         "then the embedded cloak-mini checkpoint)")
@@ -366,7 +367,7 @@ def _add_common_model_args(p: argparse.ArgumentParser, device: bool = True) -> N
                    help=f"settings file, JSON or TOML (default: {default_config_path()} if it exists)")
 
 
-def _load_models(settings: Settings) -> cloak.Models:
+def load_models_for(settings: Settings) -> cloak.Models:
     try:
         return cloak.load_models(settings.models, settings.device, settings.precision)
     except BundleError:
@@ -409,7 +410,7 @@ _FIELD_HELP: dict[str, tuple[str | None, str]] = {
 }
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def add_config_flags(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("protection settings (override the config file; defaults = the paper's)")
     for f in fields(ProtectConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -477,7 +478,7 @@ def register_protect(subparsers: Any) -> argparse.ArgumentParser:
         "protect", help="cloak recordings against diffusion voice cloning",
         description="Add an inaudible adversarial perturbation (|delta| <= epsilon) to voice recordings so that "
                     "diffusion voice conversion cannot clone the voice from them.",
-        epilog=PROTECT_EPILOG, formatter_class=_Formatter)
+        epilog=PROTECT_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="IN", help="audio file, directory or glob pattern")
     p.add_argument("--sample", action="store_true",
                    help="protect the speech sample shipped with VoiceCloak (written to ./" + SAMPLE_OUTPUT +
@@ -490,13 +491,13 @@ def register_protect(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output (errors and warnings still shown)")
     p.add_argument("-n", "--dry-run", action="store_true",
                    help="show what would be written and the effective settings; load no models, write nothing")
-    _add_common_model_args(p)
+    add_common_model_args(p)
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch (default in fp32: the cores other processes leave free now, at least "
                         "1; in bf16, whose results depend on the thread count: all cores; $OMP_NUM_THREADS when set; "
                         "on 2 cores, 2 threads were 1.6x faster than 1 when idle and 8-10x slower when another "
                         "process kept one core busy: pass --threads 1 on a busy machine)")
-    _add_config_flags(p)
+    add_config_flags(p)
     remote = p.add_argument_group("remote mode (protect on a `cloak serve` server; models/device flags are ignored)")
     remote.add_argument("--server", metavar="TARGET",
                         help=f"protect on a VoiceCloak server: HOST:PORT, dns:///NAME:PORT or ipv4:A:P,B:P "
@@ -549,7 +550,7 @@ def expand_inputs(items: Sequence[str], recursive: bool) -> tuple[list[tuple[Pat
             files = _audio_files_in(path, recursive)
             if not files:
                 hint = "" if recursive else " (use -r to include sub-directories)"
-                _err(f"warning: {item}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found{hint}")
+                print_error(f"warning: {item}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found{hint}")
             found.extend((f, path) for f in files)
         elif any(c in item for c in "*?["):
             matches = sorted(glob.glob(os.path.expanduser(item), recursive=recursive))
@@ -822,17 +823,7 @@ def cancel_on_sigint(token: CancelToken, reporter: Reporter | None = None) -> It
 
 
 def _json_line(obj: dict[str, Any]) -> None:
-    print(json.dumps(obj, default=_jsonable), flush=True)
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, tuple | set):
-        return list(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+    print(json.dumps(obj, default=jsonable), flush=True)
 
 
 def _failure(args: argparse.Namespace, job: Job, msg: str, code: int, reporter: Reporter) -> int:
@@ -867,14 +858,14 @@ def run_protect(args: argparse.Namespace) -> int:
     problems = preflight(jobs, args.force)
     if problems:
         for msg in problems:
-            _err(f"error: {msg}")
-        _err("nothing was written")
+            print_error(f"error: {msg}")
+        print_error("nothing was written")
         return EXIT_USAGE
 
     if args.dry_run:
         for j in jobs:
             for w in j.warnings:
-                _err(f"warning: {w}")
+                print_error(f"warning: {w}")
             if args.json:
                 _json_line({"input": str(j.input), "output": None if j.output is None else str(j.output),
                             "format": j.out_format, "subtype": j.out_subtype, "error": j.error,
@@ -884,7 +875,7 @@ def run_protect(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"models: {settings.models or 'embedded'} ({settings.models_source}), device: {settings.device}, "
                   f"config file: {settings.config_file or 'none'}")
-            print("settings: " + json.dumps(cfg.to_dict(), default=_jsonable))
+            print("settings: " + json.dumps(cfg.to_dict(), default=jsonable))
         return EXIT_OK
 
     threads = args.threads
@@ -921,7 +912,7 @@ def run_protect(args: argparse.Namespace) -> int:
                 settings = dataclasses.replace(settings, device=f"remote:{info.device}")
             else:
                 reporter.info(f"cloak: loading models ({settings.models or 'embedded'}) on {settings.device}")
-                models = _load_models(settings)
+                models = load_models_for(settings)
                 if "wavlm" in cfg.id_encoders and models.wavlm is None:
                     raise BundleError("id_encoders asks for 'wavlm' but the model bundle has no wavlm-sv/ directory")
                 model_ids = [{"name": i.name, "sha256": i.sha256} for i in models.info]
@@ -999,11 +990,11 @@ def run_protect(args: argparse.Namespace) -> int:
     finally:
         reporter.close()
     if cancelled:
-        _err("cancelled; the file in progress was abandoned (nothing partial written)")
+        print_error("cancelled; the file in progress was abandoned (nothing partial written)")
         return EXIT_CANCELLED
     failed = sum(c != EXIT_OK for c in codes)
     if len(jobs) > 1 and not args.quiet:
-        _err(f"{len(jobs) - failed} of {len(jobs)} file(s) protected" + (f", {failed} failed" if failed else ""))
+        print_error(f"{len(jobs) - failed} of {len(jobs)} file(s) protected" + (f", {failed} failed" if failed else ""))
     for code in (EXIT_BUNDLE, EXIT_INTERNAL, EXIT_AUDIO):
         if code in codes:
             return code
@@ -1031,7 +1022,7 @@ def _report_file(args: argparse.Namespace, job: Job, sample_rate: int, exact: np
             "models": model_ids, "device": settings.device, "config": metrics.get("config"),
             "sample_rate": sample_rate, "channels": channels, "frames": int(x.shape[0]),
             "format": job.out_format, "subtype": job.out_subtype, "warning": metrics.get("warning"),
-        }, default=_jsonable))
+        }, default=jsonable))
     elif linf == 0:
         reporter.result(f"{job.input} -> {job.output}  (unchanged: {metrics.get('warning') or 'no perturbation'})")
     else:
@@ -1058,12 +1049,12 @@ bundle layout (see cloak.bundle):
 def register_models(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("models", help="list or verify the model bundle",
                               description="Show which models `cloak protect` uses, or load and verify them.",
-                              epilog=MODELS_EPILOG, formatter_class=_Formatter)
+                              epilog=MODELS_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("action", nargs="?", choices=["list", "verify"], default="list",
                    help="list (default): paths and checksums without loading; verify: load everything and check "
                         "SHA256SUMS")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    _add_common_model_args(p)
+    add_common_model_args(p)
     return p
 
 
@@ -1122,7 +1113,7 @@ def verify_models(settings: Settings) -> dict[str, Any]:
     from cloak.bundle import resolve_bundle
 
     root = resolve_bundle(settings.models) if settings.models else None
-    models = _load_models(settings)
+    models = load_models_for(settings)
     entries = [i.to_dict() for i in models.info]
     if models.vocoder_dir is not None:
         from cloak.models.hifigan import HiFiGAN
@@ -1146,7 +1137,7 @@ def run_models(args: argparse.Namespace) -> int:
     except BundleError as e:
         if args.json:
             _json_line({"ok": False, "error": str(e), "exit_code": EXIT_BUNDLE})
-        _err(f"model bundle problem: {e}")
+        print_error(f"model bundle problem: {e}")
         return EXIT_BUNDLE
     if args.json:
         _json_line(report)
@@ -1178,7 +1169,7 @@ examples:
 def register_info(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("info", help="versions, devices and paths",
                               description="Show versions, device availability, and where models and settings "
-                                          "come from.", epilog=INFO_EPILOG, formatter_class=_Formatter)
+                                          "come from.", epilog=INFO_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--config", metavar="FILE", help="report this settings file instead of the default one")
     return p
@@ -1285,7 +1276,7 @@ def register_clone(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("clone", help="clone a voice with DiffVC (to test a protection)",
                               description="Convert SOURCE recordings to the voice of a REFERENCE recording with "
                                           "DiffVC, the attack VoiceCloak defends against.",
-                              epilog=CLONE_EPILOG, formatter_class=_Formatter)
+                              epilog=CLONE_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("sources", nargs="*", metavar="SOURCE", help="what to say (audio files)")
     p.add_argument("--source", action="append", default=[], metavar="SRC", help="a source file (repeatable)")
     p.add_argument("--reference", required=True, metavar="REF", help="whose voice (audio file, cloaked or not)")
@@ -1296,7 +1287,7 @@ def register_clone(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-postfilter", action="store_true", help="skip the mel spectral-subtraction post-filter")
     p.add_argument("-f", "--force", action="store_true", help="replace existing output files")
     p.add_argument("--json", action="store_true", help="one JSON object per output on stdout")
-    _add_common_model_args(p)
+    add_common_model_args(p)
     return p
 
 
@@ -1313,7 +1304,7 @@ def run_clone(args: argparse.Namespace) -> int:
     settings = resolve_settings(args, protect_fields=False)
     token = CancelToken()
     with cancel_on_sigint(token):
-        models = _load_models(settings)
+        models = load_models_for(settings)
         results = clone_files(sources, Path(args.reference), None if args.output is None else Path(args.output),
                               models=models, overwrite=args.force, steps=args.steps, mode=args.mode,
                               seed=args.seed, postfilter=not args.no_postfilter, cancel=token)
@@ -1339,7 +1330,7 @@ def register_serve(subparsers: Any) -> argparse.ArgumentParser:
         "serve", help="run the gRPC protection server (models stay resident, jobs are queued and batched)",
         description="Serve cloak.v1.CloakService: protection jobs from many clients share resident models; PGD runs "
                     "several jobs in one batched U-Net call. Health (grpc.health.v1) and reflection included.",
-        epilog=SERVE_EPILOG, formatter_class=_Formatter)
+        epilog=SERVE_EPILOG, formatter_class=HelpFormatter)
     add_arguments(p)
     return p
 
@@ -1363,7 +1354,7 @@ def register_sample(subparsers: Any) -> argparse.ArgumentParser:
                     "PATH, or print where it is. `cloak protect --sample` protects it directly.",
         epilog="examples:\n  cloak sample take.flac            a copy to try `cloak protect take.flac` on\n"
                "  cloak sample --path               where the installed sample is\n\n" + EXIT_CODES_HELP,
-        formatter_class=_Formatter)
+        formatter_class=HelpFormatter)
     p.add_argument("dest", nargs="?", metavar="PATH", help="where to copy it (default ./sample.flac)")
     p.add_argument("--path", action="store_true", help="print the installed sample's path instead of copying it")
     p.add_argument("-f", "--force", action="store_true", help="replace an existing file")
@@ -1441,7 +1432,7 @@ environment: {ENV_MODELS} (model bundle directory), {ENV_DEBUG}=1 (tracebacks fo
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="cloak", formatter_class=_Formatter, epilog=MAIN_EPILOG,
+        prog="cloak", formatter_class=HelpFormatter, epilog=MAIN_EPILOG,
         description="VoiceCloak: protect voice recordings from diffusion voice cloning with an inaudible "
                     "adversarial perturbation.")
     parser.add_argument("--version", action="version", version=f"voicecloak {cloak.__version__}")
@@ -1467,33 +1458,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(run(args))
     except UsageError as e:
-        _err(f"error: {e}")
+        print_error(f"error: {e}")
         return EXIT_USAGE
     except ConfigError as e:
-        _err(f"bad settings: {e}")
+        print_error(f"bad settings: {e}")
         return EXIT_USAGE
     except BundleError as e:
-        _err(f"model bundle problem: {e}")
+        print_error(f"model bundle problem: {e}")
         return EXIT_BUNDLE
     except ServerUnavailable as e:
-        _err(f"server unavailable: {e}")
+        print_error(f"server unavailable: {e}")
         return EXIT_SERVER
     except AudioError as e:
-        _err(f"error: {e}")
+        print_error(f"error: {e}")
         return EXIT_AUDIO
     except (Cancelled, KeyboardInterrupt):
-        _err("cancelled")
+        print_error("cancelled")
         return EXIT_CANCELLED
     except BrokenPipeError:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep the interpreter from erroring at exit
         return EXIT_INTERNAL
     except Exception as e:  # noqa: BLE001 - the last line of defence: a clear message and exit code 1
-        _err(f"internal error: {type(e).__name__}: {e}")
+        print_error(f"internal error: {type(e).__name__}: {e}")
         if _debug():
             traceback.print_exc()
         else:
-            _err(f"(set {ENV_DEBUG}=1 for a traceback)")
+            print_error(f"(set {ENV_DEBUG}=1 for a traceback)")
         return EXIT_INTERNAL
 
 

@@ -16,15 +16,15 @@ from clients.cli import (
     EXIT_CODES_HELP,
     EXIT_OK,
     CancelToken,
+    HelpFormatter,
     UsageError,
-    _add_common_model_args,
-    _Formatter,
-    _jsonable,
-    _load_models,
+    add_common_model_args,
     cancel_on_sigint,
+    load_models_for,
     resolve_settings,
 )
 from cloak import BundleError
+from cloak.files import jsonable
 
 EVAL_MODULES = ("onnxruntime", "pesq", "pystoi", "lameenc", "noisereduce", "librosa", "matplotlib")
 
@@ -89,7 +89,7 @@ def register_evaluate(subparsers: Any) -> argparse.ArgumentParser:
         description="Protect utterances of each speaker in a directory, clone them with the attacker's DiffVC from "
                     "clean, protected and transformed references, and report ASV acceptance, DNSMOS, DSR, PESQ, "
                     "STOI, SNR, MCD with 95 %% bootstrap confidence intervals.",
-        epilog=EVALUATE_EPILOG, formatter_class=_Formatter)
+        epilog=EVALUATE_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--speakers", required=True, metavar="DIR", help="directory with one sub-directory per speaker")
     p.add_argument("--out", default="evaluation", metavar="REPORT_DIR",
                    help="where report.json, report.md and the plots go (default ./evaluation)")
@@ -98,7 +98,7 @@ def register_evaluate(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="CI-sized run: 2 speakers, 1 utterance, 3 s clips, 2 PGD iterations x 1 repeat, 3 sampler "
                         "steps (explicit flags still win)")
-    _add_common_model_args(p)
+    add_common_model_args(p)
     g = p.add_argument_group("protocol")
     g.add_argument("--utterances", type=_positive_int, metavar="N", help="protected utterances per speaker (default 3)")
     g.add_argument("--sources", type=_positive_int, metavar="N",
@@ -184,7 +184,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"cloak: loading models ({settings.models or 'embedded'}) on {settings.device}", file=sys.stderr,
                   flush=True)
-        models = _load_models(settings)
+        models = load_models_for(settings)
         try:
             report = evaluate(ev_settings, models, cancel=token, progress=not args.quiet,
                               log=(lambda m: None) if args.quiet else None)
@@ -195,7 +195,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = ev_settings.out_dir
     if args.json:
         print(json.dumps({"report": str(out / "report.json"), "markdown": str(out / "report.md"),
-                          "headline": report["headline"], "cache": report["cache"]}, default=_jsonable), flush=True)
+                          "headline": report["headline"], "cache": report["cache"]}, default=jsonable), flush=True)
     else:
         print(summary_lines(report, out))
     return EXIT_OK

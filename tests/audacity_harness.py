@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from clients.audacity.pipe import AudacityError, PipeClient, _running_audacity, default_pipe_paths
+from clients.audacity.pipe import AudacityError, PipeClient, default_pipe_paths, running_audacity
 from clients.audacity.setup import install, module_file_time, read_setting, set_settings
 
 MODULE_CANDIDATES = ("/usr/lib/audacity/modules/mod-script-pipe.so", "/usr/lib64/audacity/modules/mod-script-pipe.so",
@@ -92,10 +92,10 @@ class AudacityHarness:
             raise Unavailable("this audacity ships no mod-script-pipe module (looked in "
                               f"{', '.join(MODULE_CANDIDATES)})")
         deadline = time.monotonic() + 5  # one that is just exiting (killed by a previous test) goes away
-        others = _running_audacity()
+        others = running_audacity()
         while others and time.monotonic() < deadline:
             time.sleep(0.2)
-            others = _running_audacity()
+            others = running_audacity()
         if others:
             raise Unavailable(f"another Audacity is running for this user (pids {[p for p, _ in others]}); "
                               "its scripting pipe would collide with the test's")

@@ -124,7 +124,7 @@ def test_cli_install_dry_run_and_json(tmp_path, monkeypatch, capsys, module):
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     monkeypatch.setattr(setup, "find_module_file", lambda platform=None: module)
-    monkeypatch.setattr("clients.audacity.cli._running_audacity", lambda: [])
+    monkeypatch.setattr("clients.audacity.cli.running_audacity", lambda: [])
     parser = argparse.ArgumentParser()
     register_audacity(parser.add_subparsers(dest="command"))
     if os.name != "nt":
@@ -133,7 +133,7 @@ def test_cli_install_dry_run_and_json(tmp_path, monkeypatch, capsys, module):
         assert run_audacity(parser.parse_args(["audacity", "install", "--json"])) == 0
         rec = json.loads(capsys.readouterr().out)
         assert rec["ok"] and rec["changed"] and rec["module"] == str(module)
-    monkeypatch.setattr("clients.audacity.cli._running_audacity", lambda: [(123, "audacity")])
+    monkeypatch.setattr("clients.audacity.cli.running_audacity", lambda: [(123, "audacity")])
     assert run_audacity(parser.parse_args(["audacity", "install"])) == 2
     assert "quit it first" in capsys.readouterr().err
 

@@ -436,7 +436,7 @@ def _fake_engine(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         out = np.clip(x + delta, -1, 1).astype(np.float32)
         return ProtectResult(out, sample_rate, {"seconds": 0.0, "iterations": 1})
 
-    monkeypatch.setattr(cli, "_load_models", load)
+    monkeypatch.setattr(cli, "load_models_for", load)
     monkeypatch.setattr(cloak, "protect", protect)
     return calls
 
@@ -532,7 +532,7 @@ def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(settings: cli.Settings) -> None:
         raise AssertionError("models were loaded although nothing needed them")
 
-    monkeypatch.setattr(cli, "_load_models", refuse)
+    monkeypatch.setattr(cli, "load_models_for", refuse)
     monkeypatch.setattr(cli, "_remote_protector", refuse)
 
 

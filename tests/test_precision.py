@@ -178,7 +178,7 @@ def test_cloak_protect_runs_with_the_default_thread_count(tiny_bundle, tmp_path,
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu, "default_threads", lambda sample_s=0.1: 2 if before == 1 else 1)
-    monkeypatch.setattr(cli, "_load_models", record)
+    monkeypatch.setattr(cli, "load_models_for", record)
     try:
         args = ["protect", "--sample", "-o", str(tmp_path / "a.wav"), "--device", "cpu", "--models", str(tiny_bundle)]
         assert cli.main([*args, "--precision", "fp32"]) == 4

@@ -16,7 +16,7 @@ from typing import Any
 
 from .bridge import Bridge, BridgeCancelled, BridgeError, CloakOutcome, Processor, SelectionError
 from .macro import MACRO_NAME
-from .pipe import AudacityError, CommandFailed, PipeClient, PipeLock, UnsupportedAudacity, _running_audacity
+from .pipe import AudacityError, CommandFailed, PipeClient, PipeLock, UnsupportedAudacity, running_audacity
 from .setup import find_profiles, install
 from .watch import JobReport, Watcher
 
@@ -82,8 +82,8 @@ def _add_processing_args(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for Audacity's answer to a short command (default 10; exports and "
                         "imports get more)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
-    base._add_common_model_args(p)
-    base._add_config_flags(p)
+    base.add_common_model_args(p)
+    base.add_config_flags(p)
     remote = p.add_argument_group("remote mode")
     remote.add_argument("--server", metavar="TARGET",
                         help=f"cloak on a VoiceCloak server instead of locally (env {base.ENV_SERVER})")
@@ -96,28 +96,28 @@ def register_audacity(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "audacity", help="cloak a selection inside Audacity 3.x (mod-script-pipe bridge)",
         description="Cloak audio inside Audacity 3.x through its scripting pipe (mod-script-pipe).",
-        epilog=AUDACITY_EPILOG, formatter_class=base._Formatter)
+        epilog=AUDACITY_EPILOG, formatter_class=base.HelpFormatter)
     sub = p.add_subparsers(dest="audacity_command", metavar="ACTION")
     pi = sub.add_parser(
         "install", help="enable mod-script-pipe and install the 'Cloak selection' macro",
         description="Enable mod-script-pipe in Audacity's config (a backup of audacity.cfg is made first) and "
                     f"install the '{MACRO_NAME}' macro into Audacity's Macros folder. Quit Audacity first: it "
                     "rewrites its config when it exits.",
-        epilog=EXIT_CODES, formatter_class=base._Formatter)
+        epilog=EXIT_CODES, formatter_class=base.HelpFormatter)
     pi.add_argument("-n", "--dry-run", action="store_true", help="show the files that would be changed")
     pi.add_argument("--force", action="store_true", help="edit the config even though Audacity seems to run")
     pi.add_argument("--json", action="store_true", help="print the report as JSON")
     pc = sub.add_parser(
         "cloak-selection", help="cloak the current selection once",
         description="Cloak the current selection of the open Audacity project once (from a terminal, or bound to "
-                    "an OS keyboard shortcut).", epilog=ACTION_EPILOG, formatter_class=base._Formatter)
+                    "an OS keyboard shortcut).", epilog=ACTION_EPILOG, formatter_class=base.HelpFormatter)
     _add_processing_args(pc)
     pw = sub.add_parser(
         "watch", help="cloak every range marked with the 'Cloak selection' macro",
         description=f"Poll Audacity for labels made by the '{MACRO_NAME}' macro (text 'cloak:pending ...'), "
                     "cloak each marked range and set the label to 'cloak:done' or 'cloak:failed: <reason>'. "
                     "Keeps running (and waits for Audacity) until Ctrl-C.",
-        epilog=ACTION_EPILOG, formatter_class=base._Formatter)
+        epilog=ACTION_EPILOG, formatter_class=base.HelpFormatter)
     pw.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between polls (default 1)")
     pw.add_argument("--once", action="store_true", help="do the pending jobs, then exit")
     _add_processing_args(pw)
@@ -160,7 +160,7 @@ def _local_processor(args: argparse.Namespace, settings: Any, token: Any) -> Pro
     if not args.quiet:
         print(f"cloak audacity: loading models ({settings.models or 'embedded'}) on {settings.device}",
               file=sys.stderr, flush=True)
-    models = base._load_models(settings)
+    models = base.load_models_for(settings)
     cfg = settings.config
     progress = _progress_printer(args.quiet)
 
@@ -235,19 +235,19 @@ def _audacity_code(e: AudacityError) -> int:
 
 def _run_install(args: argparse.Namespace) -> int:
     base = _base()
-    running = _running_audacity()
+    running = running_audacity()
     if args.dry_run:
         for p in find_profiles():
             print(f"would enable mod-script-pipe in {p.config} (backup first) and write the macro to {p.macros}")
         return base.EXIT_OK
     if running and not args.force:
-        base._err(f"error: Audacity is running (pid {', '.join(str(p) for p, _ in running)}); quit it first: it "
+        base.print_error(f"error: Audacity is running (pid {', '.join(str(p) for p, _ in running)}); quit it first: it "
                   "rewrites its config when it exits, which would undo this (or use --force)")
         return base.EXIT_USAGE
     try:
         report = install()
     except OSError as e:
-        base._err(f"error: {e}")
+        base.print_error(f"error: {e}")
         return base.EXIT_AUDIO
     if args.json:
         _json({"ok": True, "configs": [str(c) for c in report.configs], "backups": [str(b) for b in report.backups],
@@ -359,7 +359,7 @@ def run_audacity(args: argparse.Namespace, processor: Processor | None = None, e
         else:
             code = base.EXIT_CANCELLED
         msg = "cancelled; the project was left as it was" if code == base.EXIT_CANCELLED else str(e)
-        base._err(msg if code == base.EXIT_CANCELLED else f"error: {msg}")
+        base.print_error(msg if code == base.EXIT_CANCELLED else f"error: {msg}")
         if args.json:
             _json({"ok": False, "error": msg, "exit_code": code})
         return code

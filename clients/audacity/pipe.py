@@ -531,7 +531,7 @@ class PipeLock:
 # ------------------------------------------------------------------------------------------ diagnosis
 
 
-def _running_audacity() -> list[tuple[int, str]]:
+def running_audacity() -> list[tuple[int, str]]:
     """(pid, executable) of running Audacity processes where this can be found out cheaply (Linux /proc)."""
     found: list[tuple[int, str]] = []
     proc = Path("/proc")
@@ -559,7 +559,7 @@ def diagnose_missing_pipe(detail: str, versions: Iterable[tuple[str, str]] | Non
     from .setup import detect_audacity_versions, script_pipe_setting
 
     versions = list(detect_audacity_versions() if versions is None else versions)
-    running = _running_audacity() if running is None else running
+    running = running_audacity() if running is None else running
     setting = script_pipe_setting() if setting == "?" else setting
     major4 = [f"{v} ({src})" for src, v in versions if v.split(".")[0].isdigit() and int(v.split(".")[0]) >= 4]
     major3 = [v for _, v in versions if v.split(".")[0] == "3"]
