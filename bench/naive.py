@@ -13,7 +13,7 @@ from cloak.bundle import Models
 from cloak.config import ProtectConfig
 from cloak.features import DIFFVC_RATE, GE2E_RATE, resample
 from cloak.losses import context_log_probs, summed_context
-from cloak.protect import ProtectionJob, _score, objective
+from cloak.protect import ProtectionJob, objective, unet_score
 
 
 def naive_window_delta(audio: np.ndarray, sr: int, models: Models, cfg: ProtectConfig) -> torch.Tensor:
@@ -27,9 +27,9 @@ def naive_window_delta(audio: np.ndarray, sr: int, models: Models, cfg: ProtectC
             idx = torch.tensor([i])
             with torch.no_grad():
                 x16 = resample(attack.x, DIFFVC_RATE, GE2E_RATE)
-                clean_ref = attack._reference(attack.x, x16 * attack.gain)
-                _, clean = _score(models, clean_ref, attack.pool.take(idx))
-                _, noise = _score(models, attack.noise_ref, attack.noise_pool.take(attack.t_index[idx]))
+                clean_ref = attack.reference(attack.x, x16 * attack.gain)
+                _, clean = unet_score(models, clean_ref, attack.pool.take(idx))
+                _, noise = unet_score(models, attack.noise_ref, attack.noise_pool.take(attack.t_index[idx]))
             one = copy.copy(attack)
             one.pool = attack.pool.take(idx)
             with torch.no_grad():  # the surrogate source's encoder mean and x_t, recomputed too

@@ -115,7 +115,7 @@ class WindowAttack:
                 models.bank.classify_sex(self.emb_clean_ge2e(x16))
             self._identity_targets(gen)
             self._draw_pool(gen)
-            self.pool.logp_ref, self.pool.feat_clean = self._internals(self._reference(self.x, x16 * self.gain),
+            self.pool.logp_ref, self.pool.feat_clean = self._internals(self.reference(self.x, x16 * self.gain),
                                                                        self.pool)
             self._noise_features(gen)
             # perceptual shaping (cloak.perceptual): per-bin bound on delta's STFT from this window's clean audio
@@ -177,7 +177,7 @@ class WindowAttack:
         rms = float(self.x.pow(2).mean().sqrt().clamp_min(1e-4))
         noise = torch.randn(self.x.shape, generator=gen).to(self.dev) * rms
         n16 = resample(noise, DIFFVC_RATE, GE2E_RATE)
-        self.noise_ref = self._reference(noise, n16 * volume_gain(n16))
+        self.noise_ref = self.reference(noise, n16 * volume_gain(n16))
         nmel = self.noise_ref[0][..., : cfg.source_frames]
         if nmel.shape[-1] < cfg.source_frames:
             nmel = nmel.repeat(1, 1, math.ceil(cfg.source_frames / nmel.shape[-1]))[..., : cfg.source_frames]
@@ -199,7 +199,7 @@ class WindowAttack:
                 return emb
         return self.m.ge2e.embed(x16 * self.gain)
 
-    def _reference(self, wave22: torch.Tensor, wave16: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def reference(self, wave22: torch.Tensor, wave16: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(ref mel, mean_ref, d-vector) of a reference waveform."""
         mel = diffvc_mel(wave22)
         mask = torch.ones(1, 1, mel.shape[-1], device=self.dev)
@@ -211,7 +211,7 @@ class WindowAttack:
         idx = torch.arange(pool.t.shape[0], device=self.dev)
         for chunk in idx.split(self.cfg.repeats):
             n = chunk.shape[0]
-            _, internals = _score(self.m, tuple(r.expand(n, *r.shape[1:]) for r in ref), pool.take(chunk))
+            _, internals = unet_score(self.m, tuple(r.expand(n, *r.shape[1:]) for r in ref), pool.take(chunk))
             logps.append(context_log_probs(summed_context(internals)))
             feats.append(internals.features)
         return torch.cat(logps), {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
@@ -257,7 +257,7 @@ def objective(attacks: list[WindowAttack], deltas: torch.Tensor,
         mask = torch.ones(mel.shape[0], 1, mel.shape[-1], device=dev)
         mean_ref = m.diffvc.average_voice(mel, mask)
         rep = torch.cat([torch.full((n,), j, device=dev, dtype=torch.long) for j, n in enumerate(counts)])
-        score, internals = _score(m, (mel[rep], mean_ref[rep], c[rep]), pool)
+        score, internals = unet_score(m, (mel[rep], mean_ref[rep], c[rep]), pool)
         ctx = summed_context(internals) if want["ctx"] else None
         offsets = [0, *np.cumsum(counts).tolist()]
         for j in range(len(attacks)):
@@ -273,7 +273,7 @@ def objective(attacks: list[WindowAttack], deltas: torch.Tensor,
     return out
 
 
-def _score(m: Models, ref: tuple[torch.Tensor, ...], pool: _Pool) -> tuple[torch.Tensor, ScoreInternals]:
+def unet_score(m: Models, ref: tuple[torch.Tensor, ...], pool: _Pool) -> tuple[torch.Tensor, ScoreInternals]:
     """U-Net pass for pool draws with per-row references (mel, mean_ref, c), each of batch = len(pool).
     With a speaker-adaptive prior the reference also sets the prior mean and with it x_t (inside the graph)."""
     mel, mean_ref, c = ref
