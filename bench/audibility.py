@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "seconds": clean.shape[0] / RATE, "wall_s": time.perf_counter() - t0,
                     **measure(clean, res.audio, encoder),
                     "losses_start": res.metrics["losses_start"], "losses_end": res.metrics["losses_end"],
-                    "gender": res.metrics["gender"],
+                    "gender": res.metrics["gender"], "model": res.metrics["model"],
                 }
                 data["rows"][k] = row
                 data["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -162,17 +162,19 @@ def report(data: dict[str, Any], md_path: Path) -> str:
              f"of the corpus (first file, at most {data['seconds_max']:g} s), 44.1 kHz stereo, scaled to the "
              "stated ITU-T P.56 active speech level. Goal: PESQ-WB >= 3.5 and SNR >= 33 dB. GE2E drop = "
              "1 - cosine(clean, protected) of the speaker embedding DiffVC conditions on (the cloak's effect); "
-             "`loss` = weighted objective reached at the end (higher = stronger).", ""]
+             "`loss gain` = rise of the engine's weighted objective from the clean recording to the protected one "
+             "(higher = stronger).", ""]
     for c in configs:
         cr = [r for r in rows if r["config"] == c]
         cfg = data["configs"][c]
-        lines += [f"## {c}: shaping={cfg['shaping']}, margin {cfg['masking_margin_db']:g} dB, "
-                  f"epsilon {cfg['epsilon']:g}, {cfg['iterations']} iterations", "",
-                  "| speaker | level (dBFS) | s | SNR (dB) | PESQ-WB | STOI | GE2E drop | loss | goal |",
+        shaping = (f"shaping=masking, margin {cfg['masking_margin_db']:g} dB, exponent "
+                   f"{cfg.get('masking_exponent', 1.0):g}" if cfg["shaping"] == "masking" else "shaping=none")
+        lines += [f"## {c}: {shaping}, epsilon {cfg['epsilon']:g}, {cfg['iterations']} iterations", "",
+                  "| speaker | level (dBFS) | s | SNR (dB) | PESQ-WB | STOI | GE2E drop | loss gain | goal |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in sorted(cr, key=lambda r: (r["speaker"], r["level_dbfs"])):
             w = dict(zip(("id", "ctx", "score", "sem"), cfg["weights"], strict=True))
-            loss = sum(w[k] * v for k, v in r["losses_end"].items())
+            loss = sum(w[k] * (v - r["losses_start"][k]) for k, v in r["losses_end"].items())
             ok = (r["pesq_wb"] or 0) >= PESQ_GOAL and r["snr_db"] >= SNR_GOAL
             lines.append(f"| {r['speaker']} | {r['level_dbfs']:g} | {r['seconds']:.1f} | {r['snr_db']:.1f} | "
                          f"{_fmt(r['pesq_wb'], '.2f')} | {r['stoi']:.3f} | {r['ge2e_drop']:.4f} | {loss:.3f} | "
@@ -193,7 +195,7 @@ def report(data: dict[str, Any], md_path: Path) -> str:
         for level in sorted({r["level_dbfs"] for r in rows}):
             pairs = [(data["rows"].get(key("default", r["speaker"], level)), r) for r in rows
                      if r["config"] == "paper" and r["level_dbfs"] == level]
-            pairs = [(d, p) for d, p in pairs if d is not None]
+            pairs = [(d, p) for d, p in pairs if d is not None and d.get("model") == p.get("model")]
             if pairs:
                 kept = np.mean([d["ge2e_drop"] for d, _ in pairs]) / max(np.mean([p["ge2e_drop"] for _, p in pairs]),
                                                                           1e-12)
@@ -204,6 +206,24 @@ def report(data: dict[str, Any], md_path: Path) -> str:
     text = "\n".join(lines)
     md_path.write_text(text)
     return text
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result file from several (same engine version; rows and configurations united, newest last)."""
+    versions = {p["engine_version"] for p in parts}
+    if len(versions) != 1:
+        raise SystemExit(f"results of different engine versions cannot be merged: {sorted(versions)}")
+    out: dict[str, Any] = {**parts[0], "rows": {}, "configs": {}}
+    def effective(cfg: dict[str, Any]) -> dict[str, Any]:  # the shaping's parameters do nothing without it
+        return {k: v for k, v in cfg.items() if cfg["shaping"] != "none" or not k.startswith("masking_")}
+
+    for p in parts:
+        for name, cfg in p.get("configs", {}).items():
+            if effective(out["configs"].setdefault(name, cfg)) != effective(cfg):
+                raise SystemExit(f"configuration {name!r} differs between the files")
+        out["rows"].update(p["rows"])
+        out["updated"] = max(out.get("updated", ""), p.get("updated", ""))
+    return out
 
 
 def main() -> None:
@@ -219,10 +239,17 @@ def main() -> None:
     p.add_argument("--md", help="markdown path (default: the JSON's with .md)")
     p.add_argument("--force", action="store_true", help="re-run clips already in the JSON")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="merge the rows of these result files (e.g. of runs split by speaker over several "
+                        "processes) into --out, then write the markdown")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     md = Path(args.md) if args.md else Path(args.out).with_suffix(".md")
-    data = json.loads(Path(args.out).read_text()) if args.report else run(args)
+    if args.merge:
+        data = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+    else:
+        data = json.loads(Path(args.out).read_text()) if args.report else run(args)
     print(report(data, md))
 
 
