@@ -90,7 +90,7 @@ def test_bf16_protection_has_the_effect_of_fp32_on_the_embedded_model():
     m32 = load_models(None, "cpu", "fp32")
     m16 = replace(m32, precision="bf16")
     cfg = ProtectConfig(iterations=8, repeats=2, t_adv=3, source_frames=48, gender="female", seed=1,
-                        epsilon=0.01, step_size=1e-3)
+                        epsilon=0.01, step_size=1e-3, shaping="none")  # the plain box: a large effect to compare
 
     def embed(a: np.ndarray) -> torch.Tensor:
         with torch.no_grad():
