@@ -1,4 +1,5 @@
-"""Models: DiffVC (official layout), speaker encoders (GE2E, WavLM-SV), HiFi-GAN V1."""
+"""Models: DiffVC (official layout), speaker encoders (GE2E, WavLM-SV, ECAPA-TDNN, the shipped black-box
+verifier), HiFi-GAN V1."""
 
 from .diffvc import OFFICIAL_CONFIG, DiffVC, DiffVCConfig, load_diffvc
 from .ge2e import GE2E
