@@ -267,7 +267,8 @@ def test_evaluate_uses_ecapa_from_the_bundle_as_primary_black_box_asv(tmp_path, 
     bundle = make_bundle(tmp_path / "bundle", tame=True)
     models = load_models(bundle)
     encoders, info = build_encoders(models, ProtectConfig())
-    assert [e.name for e in encoders] == ["ge2e"] and primary_encoder(encoders) == "ge2e"
+    # GE2E (white-box) and the shipped black-box verifier, which decides while there is no ECAPA
+    assert [e.name for e in encoders] == ["ge2e", "verifier"] and primary_encoder(encoders) == "verifier"
     assert not info["ecapa"]["available"] and "ecapa/" in info["ecapa"]["reason"]
 
     write_model_dir(bundle / "ecapa")

@@ -226,7 +226,18 @@ def test_quick_run_report_schema_plots_and_resume(evaluate_main, tmp_path, two_s
     assert 0 <= ge2e["calibration"]["eer"] < 0.5
     assert not r["encoders"]["wavlm"]["available"] and not r["encoders"]["ecapa"]["available"]
     assert "not configured" in r["encoders"]["ecapa"]["reason"] and not r["nisqa"]["available"]
-    assert r["protocol"]["asv_primary"] == "ge2e" and r["protocol"]["gender_matched_fraction"] == 1.0
+    # the shipped black-box verifier: scored beside GE2E, at the threshold shipped with its weights, and the ASV
+    # that decides while no ECAPA is configured
+    from cloak.models.verifier import load_verifier
+
+    shipped = load_verifier()
+    ver = r["encoders"]["verifier"]
+    assert ver["available"] and not ver["white_box"] and ver["checksum"] == shipped.checksum
+    assert ver["threshold"] == ver["fixed_threshold"] == shipped.threshold
+    assert "held out" in ver["threshold_source"] and 0 <= ver["calibration"]["eer"] <= 1
+    assert r["protocol"]["asv_primary"] == "verifier" and not r["protocol"]["asv_primary_white_box"]
+    assert r["headline"]["asv"] == "verifier" and r["headline"]["threshold"] == shipped.threshold
+    assert r["protocol"]["gender_matched_fraction"] == 1.0
     assert r["protocol"]["quality_threshold"] == 2.5 and "DNSMOS" in r["protocol"]["quality_threshold_why"]
     # 2 speakers x 1 utterance x 1 source x (clean, protected, 2 transforms x (protected, clean))
     assert [s["name"] for s in r["speakers"]] == ["vctk_p226", "vctk_p227"] and len(r["protected"]) == 2
@@ -237,6 +248,7 @@ def test_quick_run_report_schema_plots_and_resume(evaluate_main, tmp_path, two_s
     assert not r["conditions"]["protected+mp3_32"]["identity_transform"]
     for it in r["items"]:
         assert -1 <= it["scores"]["ge2e"] <= 1 and 0 < it["dnsmos"]["ovrl"] < 5  # polynomial-mapped MOS
+        assert -1 <= it["scores"]["verifier"] <= 1 and it["scores"]["verifier"] != it["scores"]["ge2e"]
         assert it["source_speaker"] != it["speaker"]
         if it["condition"] == "clean":  # the attacker check scores clean clones against their source speaker too
             assert -1 <= it["source_scores"]["ge2e"] <= 1 and it["source_scores"]["ge2e"] != it["scores"]["ge2e"]
@@ -254,6 +266,8 @@ def test_quick_run_report_schema_plots_and_resume(evaluate_main, tmp_path, two_s
         assert set(c["dnsmos"]) == {"sig", "bak", "ovrl", "p808"}
         assert 0 <= c["dsr"]["mean"] <= 1 and len(c["dsr"]["ci95"]) == 2
         assert c["asv"]["ge2e"]["accept_rate"]["mean"] in (0.0, 0.5, 1.0)
+        assert c["asv"]["verifier"]["threshold"] == shipped.threshold
+        assert c["asv"]["verifier"]["accept_rate"]["mean"] in (0.0, 0.5, 1.0)
         assert set(c["dsr_sensitivity"]) == {"2.5", "2.75", "3"}
         if name != "clean":
             assert "score_ge2e" in c["delta_vs_clean"] and "dnsmos_ovrl" in c["delta_vs_clean"]
@@ -270,7 +284,9 @@ def test_quick_run_report_schema_plots_and_resume(evaluate_main, tmp_path, two_s
     md = (out / "report.md").read_text()
     for heading in ("| setting | ASV accept | DNSMOS OVRL | DSR | PESQ | MCD (dB) | SNR (dB) | STOI |",
                     "## Robustness", "## ASV calibration", "## Imperceptibility", "white-box", "mp3_32",
-                    "## Attacker check", "## Identity of the reference recording itself"):
+                    "## Attacker check", "## Identity of the reference recording itself",
+                    "ASV = verifier cosine", "| verifier | black-box |", "| ge2e | white-box |",
+                    "Threshold of verifier: shipped with the weights"):
         assert heading in md
     # resume: a second run recomputes nothing (protect and clone would fail) and reports the same numbers
     import cloak

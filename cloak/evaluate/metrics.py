@@ -1,7 +1,8 @@
 """Evaluation metrics, each computed by the real library or model that defines it.
 
 - Identity: speaker-embedding cosine against an enrollment (mean of L2-normalised embeddings of clean utterances),
-  with GE2E (always), WavLM-SV (when the bundle has it), ECAPA (when an ECAPA model is configured).
+  with GE2E (always), the shipped black-box verifier (`cloak.models.verifier`), WavLM-SV (when the bundle has it),
+  ECAPA (when an ECAPA model is configured).
 - ASV calibration: equal-error-rate threshold from target / non-target trials.
 - Naturalness: DNSMOS P.835 (SIG, BAK, OVRL) and P.808 (the model lives in `cloak.models.dnsmos`, re-exported
   here).
@@ -177,6 +178,18 @@ class EcapaEncoder(SpeakerEncoder):
         self.fixed_threshold = ECAPA_THRESHOLD
 
 
+class VerifierEncoder(SpeakerEncoder):
+    """The shipped black-box verifier (`cloak.models.verifier`): a small ECAPA-TDNN trained on corpus-train only,
+    never used by the cloak; accepts at its own EER threshold, calibrated on corpus-train speakers held out from
+    its training and shipped with the weights (so an acceptance rate does not depend on the speakers evaluated)."""
+
+    name = "verifier"
+
+    def __init__(self, model: Any, device: Any = "cpu", white_box: bool | None = None) -> None:
+        super().__init__(model, device, white_box)
+        self.fixed_threshold = model.threshold
+
+
 # --------------------------------------------------------------------------------- imperceptibility
 
 
@@ -269,5 +282,6 @@ def imperceptibility(reference: np.ndarray, protected: np.ndarray, sr: int) -> d
 
 
 __all__ = ["bootstrap_ci", "summarize", "compute_eer", "EER", "cosine", "enrollment", "SpeakerEncoder",
-           "GE2EEncoder", "WavLMEncoder", "DNSMOS", "dnsmos_model_paths", "snr_db", "pesq_wb", "stoi", "mcd",
+           "GE2EEncoder", "WavLMEncoder", "VerifierEncoder", "DNSMOS", "dnsmos_model_paths", "snr_db", "pesq_wb",
+           "stoi", "mcd",
            "mel_cepstrum", "imperceptibility", "to_rate", "PESQ_MAX"]

@@ -142,9 +142,9 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
         if name in calibration:
             cal = calibration[name]
             e["threshold"] = thresholds.get(name)
-            e["threshold_source"] = ("fixed: the paper's published acceptance threshold (the EER calibration is "
-                                     "reported alongside)" if info.get("fixed_threshold") is not None
-                                     else "EER calibration on clean trials of this speaker set")
+            e["threshold_source"] = info.get("threshold_source") or (
+                "fixed: the paper's published acceptance threshold (the EER calibration is reported alongside)"
+                if info.get("fixed_threshold") is not None else "EER calibration on clean trials of this speaker set")
             e["calibration"] = {k: v for k, v in cal.items() if k not in ("target", "nontarget")}
         encoders[name] = e
     transforms = {t.name: t.description for t in ev.transforms}
@@ -364,6 +364,10 @@ def render_markdown(r: dict[str, Any]) -> str:
                      f"{cname} | {_num(a.get('score'), '.3f')} | {_pct(a.get('accept_rate'))} | "
                      f"{_signed(delta) if delta else '—'} |")
     L.append("")
+    for name, e in r["encoders"].items():
+        if e.get("available") and e.get("fixed_threshold") is not None and e.get("threshold_source"):
+            L.append(f"Threshold of {name}: {e['threshold_source']}.")
+            L.append("")
     ac = r.get("attacker_check", {})
     if ac.get("available"):
         L.append("## Attacker check (does the attacker clone?)")

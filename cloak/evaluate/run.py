@@ -19,6 +19,11 @@ utterance: target = an utterance against the enrollment of its speaker's other u
 every other speaker's enrollment), the same kind of trial the clones are scored with. The exception is the paper's
 black-box ASV, ECAPA-TDNN (speechbrain/spkrec-ecapa-voxceleb, run natively from the bundle's ecapa/ directory when
 present, see cloak.bundle): it accepts at the paper's fixed cosine 0.25, and it is then the primary ASV for DSR.
+The shipped black-box verifier (cloak.models.verifier: a small ECAPA-TDNN trained on corpus-train only, which the
+cloak never differentiates through) is always scored beside GE2E; it accepts at the EER threshold shipped with its
+weights (calibrated on corpus-train speakers held out from its training, the same leave-one-out enrollment trial),
+so its acceptance rates do not move with the speaker set evaluated; the run's own EER calibration is reported
+alongside. Without ECAPA it is the primary ASV.
 
 Every per-file result (protected audio, each clone's scores, clean embeddings) is cached under the cache
 directory (default OUT/cache) as soon as it is computed, keyed by a fingerprint of everything that determines it,
@@ -45,6 +50,7 @@ from ..corpus import Speaker, list_speakers
 from ..files import finite_json, jsonable, read_json, write_json
 from ..jobs import Cancelled, CancelToken
 from ..models.ecapa import ECAPA_THRESHOLD  # the paper's ASV acceptance threshold (ECAPA-TDNN cosine)
+from ..models.verifier import VerifierLoadError, load_verifier
 from ..protect import ENGINE_VERSION
 from . import metrics as M
 from .plan import Utterance, duration, pick_sources, pick_utterances, safe_name, select_speakers, stable_seed
@@ -97,6 +103,20 @@ def build_encoders(models: Models, cfg: ProtectConfig) -> tuple[list[M.SpeakerEn
                                  "used by the cloak: black-box; the paper's fixed threshold, cosine >= 0.25 accepts"}
     else:
         info["ecapa"] = {"available": False, "reason": NOT_CONFIGURED["ecapa"], "threshold": ECAPA_THRESHOLD}
+    try:
+        verifier = load_verifier(device=models.device)
+    except (FileNotFoundError, VerifierLoadError) as e:
+        info["verifier"] = {"available": False, "reason": f"not available: {e}"}
+    else:
+        encoders.append(M.VerifierEncoder(verifier, models.device, white_box=False))
+        cal = verifier.calibration
+        info["verifier"] = {
+            "available": True, "white_box": False, "checksum": verifier.checksum,
+            "threshold": verifier.threshold, "fixed_threshold": verifier.threshold,
+            "threshold_source": f"shipped with the weights: EER threshold ({100 * float(cal['eer']):.1f} % EER) on "
+                                f"{cal.get('data', 'held-out corpus-train speakers')}, trial: {cal.get('trial')}",
+            "note": f"the shipped speaker verifier (ECAPA-TDNN, {verifier.config.channels} channels, trained on "
+                    "corpus-train only, disjoint from the evaluation speakers), not used by the cloak: black-box"}
     return encoders, info
 
 
