@@ -402,11 +402,19 @@ class ProtectionJob:
             self.iteration = 0
         return self.attack
 
-    @property
-    def bucket(self) -> tuple[Any, ...]:
-        """Jobs with equal buckets can share one U-Net batch."""
-        a = self.prepare()
-        return (a.x.shape[-1], self.cfg.source_frames, self.cfg.id_encoders)
+    def batch_key(self) -> tuple[Any, ...]:
+        """Jobs whose prepared windows have equal keys can share one U-Net batch. Call `prepare()` first: the key
+        is read from the current window's attack, never built here."""
+        if self.attack is None:
+            raise RuntimeError("batch_key() of a window that is not prepared: call prepare() first")
+        return (self.attack.x.shape[-1], self.cfg.source_frames, self.cfg.id_encoders)
+
+    def finish_unperturbed(self) -> None:
+        """The zero-iteration case: every window is set up and closed without a PGD step, so the result is the
+        input unchanged (with the loss figures of the clean windows)."""
+        while not self.done:
+            self.prepare()
+            self.finish_window()
 
     def after_step(self, losses: dict[str, torch.Tensor]) -> None:
         """Record one iteration's (device) loss values, report progress, close the window when it is done.
@@ -505,8 +513,18 @@ def _floats(rows: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
     return [dict(zip(keys, v, strict=True)) for v in values]
 
 
+def step_groups(jobs: list[ProtectionJob], max_batch: int) -> list[list[ProtectionJob]]:
+    """The U-Net batches of one round: prepared jobs grouped by `batch_key()` (in first-seen order), each group cut
+    into batches of at most `max_batch`. Used by `run_jobs` and by the server's scheduler."""
+    groups: dict[tuple[Any, ...], list[ProtectionJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.batch_key(), []).append(job)
+    return [g[i:i + max_batch] for g in groups.values() for i in range(0, len(g), max_batch)]
+
+
 def run_jobs(jobs: list[ProtectionJob], max_batch: int = 8) -> None:
-    """Step every job to completion; jobs whose current windows share a bucket go through one U-Net batch.
+    """Step every job to completion; jobs whose current windows share a batch key go through one U-Net batch
+    (`step_groups`).
     A cancelled job raises Cancelled out of here only when it is the sole job; otherwise it is dropped and
     its token stays set for the caller to see."""
     active = list(jobs)
@@ -516,12 +534,10 @@ def run_jobs(jobs: list[ProtectionJob], max_batch: int = 8) -> None:
                 active.remove(job)
                 if len(jobs) == 1:
                     job.check_cancel()
-        groups: dict[tuple[Any, ...], list[ProtectionJob]] = {}
         for job in active:
-            groups.setdefault(job.bucket, []).append(job)
-        for group in groups.values():
-            for i in range(0, len(group), max_batch):
-                pgd_step(group[i:i + max_batch])
+            job.prepare()
+        for batch in step_groups(active, max_batch):
+            pgd_step(batch)
         active = [j for j in active if not j.done]
 
 
@@ -534,9 +550,7 @@ def protect(audio: np.ndarray, sample_rate: int, models: Models | None = None, c
         models = load_models()
     job = ProtectionJob(audio, sample_rate, models, config, progress, cancel)
     if job.cfg.iterations == 0:  # no PGD step: the input comes back unchanged (run_jobs has no window left to step)
-        while not job.done:
-            job.prepare()
-            job.finish_window()
+        job.finish_unperturbed()
         zero = job.result()
         zero.metrics["note"] = "iterations=0: no perturbation was computed; the output is the input unchanged"
         return zero

@@ -1,8 +1,9 @@
 """Jobs, the fair bounded queue and the scheduler thread that owns the models.
 
 One scheduler thread does all model work. Each tick it admits queued jobs (round-robin between clients) until
-`max_batch` are active, drops cancelled ones, groups the active jobs by `ProtectionJob.bucket` (jobs whose current
-windows have equal shapes) and runs ONE PGD iteration per group with `cloak.protect.pgd_step` - one batched U-Net
+`max_batch` are active, drops cancelled ones, prepares each job's window and groups the jobs with
+`cloak.protect.step_groups` (jobs whose current windows have equal shapes) and runs ONE PGD iteration per
+group with `cloak.protect.pgd_step` - one batched U-Net
 call for up to `max_batch` jobs. So a cancelled or disconnected job leaves the active set within one iteration, and
 `max_batch=1` turns cross-job batching off.
 
@@ -29,7 +30,7 @@ import numpy as np
 from cloak import BundleError, CancelToken, Progress
 from cloak.bundle import Models
 from cloak.features import DIFFVC_HOP, DIFFVC_RATE
-from cloak.protect import ProtectionJob, pgd_step
+from cloak.protect import ProtectionJob, pgd_step, step_groups
 
 from . import logs, memory, pcm, wire
 from .config import ServerConfig
@@ -613,9 +614,7 @@ class Scheduler:
             rec.samples = rec.job.samples  # the job's validated copy is the same audio: keep one
             if rec.config.iterations == 0:  # as cloak.protect does: no PGD, windows finished unperturbed
                 with self.guard.watching([rec]):
-                    while not rec.job.done:
-                        rec.job.prepare()
-                        rec.job.finish_window()
+                    rec.job.finish_unperturbed()
         except Exception as e:  # noqa: BLE001 - sorted out below
             if self.guard.tripped or rec.cancel.cancelled:
                 self._end_cancelled(rec)
@@ -646,21 +645,21 @@ class Scheduler:
                 self._complete(rec)
                 continue
             runnable.append(rec)
-        groups: dict[Any, list[JobRecord]] = {}
+        prepared: dict[int, JobRecord] = {}  # id(job) -> its record
         for rec in runnable:
             try:
                 with self.guard.watching([rec]):  # a window's set-up runs the U-Net pool/repeats times
-                    key = rec.job.bucket
+                    rec.job.prepare()
             except Exception as e:  # noqa: BLE001 - e.g. out of memory while preparing a window
                 if self.guard.tripped:
                     self._end_cancelled(rec)
                 else:
                     self._fail(rec, grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", exc=True)
                 continue
-            groups.setdefault(key, []).append(rec)
-        for recs in groups.values():
-            for i in range(0, len(recs), self.cfg.max_batch):
-                self._step(recs[i:i + self.cfg.max_batch])
+            prepared[id(rec.job)] = rec
+        jobs = [rec.job for rec in prepared.values() if rec.job is not None]
+        for batch in step_groups(jobs, self.cfg.max_batch):
+            self._step([prepared[id(job)] for job in batch])
         for rec in runnable:
             if not rec.finished and rec.job is not None and rec.job.done:
                 if rec.cancel.cancelled:  # cancelled during its last step: it must not be delivered

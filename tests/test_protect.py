@@ -8,7 +8,7 @@ import torch
 from conftest import corpus_clip, to_rate
 
 from cloak import AudioError, Cancelled, CancelToken, ConfigError, ProtectConfig, protect
-from cloak.protect import ProtectionJob, crossfade_weights, run_jobs, window_plan
+from cloak.protect import ProtectionJob, crossfade_weights, run_jobs, step_groups, window_plan
 
 FAST = dict(iterations=6, repeats=2, t_adv=3, source_frames=48, gender="male")
 
@@ -104,7 +104,12 @@ def test_jobs_batched_together_match_jobs_run_alone(tiny_models):
     cfg = ProtectConfig(**{**FAST, "iterations": 3})
     alone = [protect(x, sr, tiny_models, cfg.with_(seed=s)).audio for x, s in ((x1, 1), (x2, 2))]
     jobs = [ProtectionJob(x, sr, tiny_models, cfg.with_(seed=s)) for x, s in ((x1, 1), (x2, 2))]
-    assert jobs[0].bucket == jobs[1].bucket
+    with pytest.raises(RuntimeError, match="prepare"):
+        jobs[0].batch_key()  # keys are read from a prepared window, never built as a side effect
+    for job in jobs:
+        job.prepare()
+    assert jobs[0].batch_key() == jobs[1].batch_key()
+    assert step_groups(jobs, 2) == [jobs] and step_groups(jobs, 1) == [[jobs[0]], [jobs[1]]]
     run_jobs(jobs, max_batch=2)
     for job, ref in zip(jobs, alone, strict=True):
         # batched convolutions round differently; sign-gradient PGD turns that into rare step flips
