@@ -287,7 +287,7 @@ def test_reattach_running_and_finished_job(ch, server, models):
 
 
 # ------------------------------------------------------------------------------------------- bad input
-def _bad_cases():
+def bad_cases():
     audio = speech(0.5)
     good_h, good = header(audio, 16000)
 
@@ -348,7 +348,7 @@ def _bad_cases():
 
 def test_bad_inputs_are_invalid_argument_and_the_server_keeps_serving(ch, server):
     s = stub(ch)
-    for name, msgs, expect in _bad_cases():
+    for name, msgs, expect in bad_cases():
         events, code, details = raw_protect(s, msgs, timeout=300)  # never below the server's estimate
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (name, code, details)
         assert expect in details, (name, details)

@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import descriptor
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from test_server import _bad_cases
+from test_server import bad_cases
 from test_server_helpers import (
     bundle_models,
     channel,
@@ -124,7 +124,7 @@ def reason(e: grpc.RpcError) -> str:
 def test_every_invalid_argument_names_its_fields_in_a_bad_request(models):
     with running(models) as srv, channel(srv) as ch:
         s = stub(ch)
-        cases = _bad_cases()
+        cases = bad_cases()
         assert {name for name, _, _ in cases} == set(BAD_CASE_FIELDS)
         for name, msgs, _ in cases:
             e = protect_error(s, msgs, timeout=20)

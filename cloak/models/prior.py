@@ -188,10 +188,11 @@ class SpeakerPrior(nn.Module):
         env = torch.einsum("fg,bgt->bft", self.lifter.to(ref_mel.dtype), ref_mel)
         return self._voiced_stats(env, ref_mel.mean(1, keepdim=True), ref_mask)
 
-    def source_stats(self, mean_avg: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def source_stats(mean_avg: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std (B, 80) of the source's average-voice mean over its voiced frames: what is left of the
         source speaker's timbre in the encoder's output, removed before the reference's is put in."""
-        return self._voiced_stats(mean_avg, mean_avg.mean(1, keepdim=True), mask)
+        return SpeakerPrior._voiced_stats(mean_avg, mean_avg.mean(1, keepdim=True), mask)
 
     def condition(self, c: torch.Tensor, ref_mel: torch.Tensor, ref_mask: torch.Tensor) -> SpeakerCondition:
         env_mean, env_std = self.envelope_stats(ref_mel, ref_mask)

@@ -124,8 +124,8 @@ class Batches:
         self.weights = [it["mel"].shape[1] for it, _ in self.rows]
         self.rng = random.Random(seed)
         with torch.no_grad():  # whole-utterance statistics of the average voice, as a conversion sees them
-            self.src_stats = [SpeakerPrior._voiced_stats(f["mean"][None], f["mean"].mean(0)[None, None],
-                                                         torch.ones(1, 1, f["mean"].shape[1])) for _, f in self.rows]
+            self.src_stats = [SpeakerPrior.source_stats(f["mean"][None], torch.ones(1, 1, f["mean"].shape[1]))
+                              for _, f in self.rows]
 
     def _crop(self, n: int, frames: int) -> int:
         return self.rng.randrange(0, n - frames + 1) if n > frames else 0
@@ -193,7 +193,7 @@ def _room_means(b: dict[str, torch.Tensor], share: float, rng: random.Random, mo
     mels = torch.stack([random_room(b["mel"][i], b["mask"][i], rng) for i in pick])
     masks = b["mask"][pick]
     means = model.average_voice(mels, masks) * masks
-    m, s = SpeakerPrior._voiced_stats(means, means.mean(1, keepdim=True), masks)
+    m, s = SpeakerPrior.source_stats(means, masks)
     out = {k: b[k].clone() for k in ("mean", "src_mean", "src_std")}
     out["mean"][pick], out["src_mean"][pick], out["src_std"][pick] = means, m, s
     return b | out
@@ -207,7 +207,7 @@ def fit_units(feats: list[dict], rows: list[int], k: int, seed: int, frames: int
     zs = []
     for i in rows:
         mu = feats[i]["mean"]
-        m, s = SpeakerPrior._voiced_stats(mu[None], mu.mean(0)[None, None], torch.ones(1, 1, mu.shape[1]))
+        m, s = SpeakerPrior.source_stats(mu[None], torch.ones(1, 1, mu.shape[1]))
         zs.append(((mu - m[0][:, None]) / s[0][:, None]).T)
     z = torch.cat(zs)
     z = z[torch.randperm(z.shape[0], generator=g)[:frames]]
@@ -293,7 +293,7 @@ def _warp_means(b: dict[str, torch.Tensor], max_warp: float, rng: random.Random)
     """Warp each crop's mean along the mel axis; its normalisation statistics are then taken from the warped crop."""
     means = torch.stack([perturb_mean(mu, m, rng, max_warp=max_warp, max_gain=0.0)
                          for mu, m in zip(b["mean"], b["mask"], strict=True)])
-    src_mean, src_std = SpeakerPrior._voiced_stats(means, means.mean(1, keepdim=True), b["mask"])
+    src_mean, src_std = SpeakerPrior.source_stats(means, b["mask"])
     return b | {"mean": means, "src_mean": src_mean, "src_std": src_std}
 
 
