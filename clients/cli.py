@@ -67,7 +67,7 @@ from cloak import (
     write_audio,
 )
 from cloak.audio import fit_to_budget, output_problem, output_subtype, passthrough_reason, read_exact
-from cloak.config import SHAPINGS, Gender
+from cloak.config import PRESETS, SHAPINGS, Gender
 from cloak.files import jsonable
 from cloak.sample import SAMPLE_CREDIT, sample_path
 
@@ -174,7 +174,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid {kind}: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table/object of settings, got {type(data).__name__}")
-    known = {f.name for f in fields(ProtectConfig)} | {"models", "device", "precision"}
+    known = {f.name for f in fields(ProtectConfig)} | {"models", "device", "precision", "preset"}
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -301,6 +301,12 @@ def resolve_settings(args: argparse.Namespace, environ: dict[str, str] | None = 
     file_values = load_config_file(cfg_path) if cfg_path is not None else {}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    preset = getattr(args, "preset", None) or file_values.get("preset")
+    if protect_fields and preset is not None:  # a named preset is the layer under the file and the flags
+        if preset not in PRESETS:
+            raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        values.update(PRESETS[preset])
+        sources.update({k: f"preset {preset}" for k in PRESETS[preset]})
     if protect_fields:
         for f in fields(ProtectConfig):
             flag_value = getattr(args, f.name, None)
@@ -386,11 +392,14 @@ _FIELD_HELP: dict[str, tuple[str | None, str]] = {
     "iterations": ("N", "PGD iterations per window (default 50)"),
     "repeats": ("N", "gradient repeats per iteration, batched (default 5)"),
     "t_adv": ("N", "diffusion time steps the attack draws from (default 6)"),
-    "weights": ("W", "loss weights lambda_id lambda_ctx lambda_score lambda_sem (default 1 4.5 10 0.85)"),
+    "weights": ("W", "loss weights lambda_id lambda_ctx lambda_score lambda_sem lambda_voice "
+                     "(default 1 4.5 10 0.85 1)"),
     "seed": ("N", "random seed; CPU runs are bit-reproducible (default 0)"),
     "id_encoders": ("LIST", "speaker encoder(s) for the identity loss: ge2e or ge2e,wavlm (default ge2e)"),
     "gender": (None, "the speaker's sex, picks the opposite-gender target (default auto = classify)"),
-    "losses": ("LIST", "loss terms to use, comma-separated subset of id,ctx,score,sem (default all)"),
+    "losses": ("LIST", "loss terms to use, comma-separated subset of id,ctx,score,sem,voice (default all; "
+                       "id,ctx,score,sem with --shaping none is the paper's engine; voice acts on a model with a "
+                       "speaker-adaptive prior, such as the embedded cloak-mini, and is skipped otherwise)"),
     "source_frames": ("N", "mel frames of the surrogate attacker sources (default 192)"),
     "window_seconds": ("S", "long clips are protected in windows of this length (default 10)"),
     "overlap_seconds": ("S", "overlap of consecutive windows, cross-faded (default 1)"),
@@ -411,7 +420,11 @@ _FIELD_HELP: dict[str, tuple[str | None, str]] = {
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("protection settings (override the config file; defaults = the paper's)")
+    group = p.add_argument_group("protection settings (override the config file; defaults: the paper's settings with "
+                                 "perceptual shaping and the voice term)")
+    group.add_argument("--preset", choices=list(PRESETS), default=None,
+                       help="named settings under the config file and the flags: paper = the VoiceCloak paper's engine "
+                            "as published (losses id,ctx,score,sem, shaping none, no voice term)")
     for f in fields(ProtectConfig):
         flag = "--" + f.name.replace("_", "-")
         metavar, text = _FIELD_HELP.get(f.name, (f.name.upper(), f"ProtectConfig.{f.name}"))
@@ -428,7 +441,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         elif isinstance(default, float):
             kwargs.update(type=float, metavar=metavar)
         elif isinstance(default, tuple) and default and isinstance(default[0], float):
-            kwargs.update(type=float, nargs=len(default), metavar=metavar)
+            kwargs.update(type=float, nargs="+", metavar=metavar)  # ProtectConfig checks the count
         else:
             kwargs.update(metavar=metavar)
         group.add_argument(flag, **kwargs)
@@ -462,7 +475,7 @@ settings: flags > environment ({ENV_MODELS}) > config file > defaults. Config fi
 (epsilon, step_size, iterations, ..., plus models and device), e.g. in TOML:
     epsilon = 0.003
     iterations = 100
-    weights = [1.0, 4.5, 10.0, 0.85]
+    weights = [1.0, 4.5, 10.0, 0.85, 1.0]
     id_encoders = ["ge2e"]
 
 progress: bars on a terminal, plain log lines on stderr otherwise; --json prints one JSON object per file on

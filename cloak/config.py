@@ -8,7 +8,10 @@ from typing import Any, Literal
 Gender = Literal["auto", "female", "male"]
 Shaping = Literal["masking", "none"]
 SHAPINGS: tuple[str, ...] = ("masking", "none")
-LOSS_NAMES: tuple[str, ...] = ("id", "ctx", "score", "sem")
+PAPER_LOSSES: tuple[str, ...] = ("id", "ctx", "score", "sem")
+# "voice" is not the paper's: it attacks the speaker-adaptive prior of cloak-mini 2 (see ProtectConfig's docstring)
+LOSS_NAMES: tuple[str, ...] = (*PAPER_LOSSES, "voice")
+DEFAULT_WEIGHTS: tuple[float, ...] = (1.0, 4.5, 10.0, 0.85, 1.0)
 
 
 class ConfigError(ValueError):
@@ -26,11 +29,15 @@ class ProtectConfig:
     iterations   PGD iterations per window.
     repeats      gradient repeats per iteration (EOT over diffusion time/noise/source), run as one batch.
     t_adv        number of initial sampler grid points (of a T=100 grid) that diffusion times are drawn from.
-    weights      (lambda_id, lambda_ctx, lambda_score, lambda_sem).
+    weights      (lambda_id, lambda_ctx, lambda_score, lambda_sem, lambda_voice); four numbers are the paper's
+                 terms with lambda_voice at its default (settings written before L_voice keep working).
     seed         makes a CPU run bit-reproducible.
     id_encoders  speaker encoder(s) for L_ID: "ge2e", "wavlm" (needs a WavLM-SV model in the bundle).
     gender       the protected speaker's sex, picks the opposite-gender centroid; "auto" classifies it.
-    losses       which terms are on (ablation); the weights of the others are ignored.
+    losses       which terms are on (ablation); the weights of the others are ignored. "voice" (not the paper's,
+                 cloak.losses): applies to a DiffVC with a speaker-adaptive prior (cloak-mini 2), whose decoder
+                 takes the voice from the prior's mean only; with a DiffVC without one it is skipped (and asking
+                 for it alone is an error).
     source_frames  length (mel frames) of the surrogate attacker sources fed to the U-Net.
     window_seconds / overlap_seconds  long clips are cut into windows optimised one by one,
                  their perturbations cross-faded over the overlap.
@@ -67,7 +74,7 @@ class ProtectConfig:
     iterations: int = 50
     repeats: int = 5
     t_adv: int = 6
-    weights: tuple[float, float, float, float] = (1.0, 4.5, 10.0, 0.85)
+    weights: tuple[float, ...] = DEFAULT_WEIGHTS
     seed: int = 0
     id_encoders: tuple[str, ...] = ("ge2e",)
     gender: Gender = "auto"
@@ -85,7 +92,10 @@ class ProtectConfig:
     early_stop_quality: float = 2.5
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        weights = tuple(float(w) for w in self.weights)
+        if len(weights) == len(PAPER_LOSSES):
+            weights = (*weights, *DEFAULT_WEIGHTS[len(PAPER_LOSSES):])
+        object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "id_encoders", tuple(self.id_encoders))
         object.__setattr__(self, "losses", tuple(self.losses))
         self.validate()
@@ -102,8 +112,9 @@ class ProtectConfig:
         check(1 <= self.t_adv <= self.inference_steps,
               f"t_adv must be in [1, inference_steps={self.inference_steps}], got {self.t_adv}")
         check(1 <= self.inference_steps <= 1000, f"inference_steps must be in [1, 1000], got {self.inference_steps}")
-        check(len(self.weights) == 4 and all(w >= 0 for w in self.weights),
-              f"weights must be four non-negative numbers, got {self.weights}")
+        check(len(self.weights) == len(LOSS_NAMES) and all(w >= 0 for w in self.weights),
+              f"weights must be {len(LOSS_NAMES)} non-negative numbers ({', '.join(LOSS_NAMES)}; or the first four), "
+              f"got {self.weights}")
         check(0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}")
         check(len(self.id_encoders) >= 1 and set(self.id_encoders) <= {"ge2e", "wavlm"},
               f"id_encoders must be a non-empty subset of ('ge2e', 'wavlm'), got {self.id_encoders}")
@@ -146,5 +157,20 @@ class ProtectConfig:
     def with_(self, **changes: Any) -> ProtectConfig:
         return replace(self, **changes)
 
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> ProtectConfig:
+        """A named set of settings (PRESETS), with `changes` on top."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **changes})
 
-__all__ = ["ProtectConfig", "ConfigError", "LOSS_NAMES", "Gender", "Shaping", "SHAPINGS"]
+
+# Named settings. "paper": the VoiceCloak paper's engine as published (its four terms and weights, plain l-inf PGD in
+# the epsilon box, no perceptual shaping, no L_voice).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"shaping": "none", "losses": PAPER_LOSSES, "weights": (1.0, 4.5, 10.0, 0.85, 0.0)},
+}
+
+
+__all__ = ["ProtectConfig", "ConfigError", "LOSS_NAMES", "PAPER_LOSSES", "DEFAULT_WEIGHTS", "PRESETS", "Gender",
+           "Shaping", "SHAPINGS"]

@@ -81,6 +81,38 @@ def _ge2e_consts(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor
     return basis.to(device=device, dtype=dtype), window.to(device=device, dtype=dtype)
 
 
+@lru_cache(maxsize=16)
+def _mel_map(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(40, 80) map from DiffVC band power densities to GE2E band powers, and each DiffVC band's 1 / weight^2."""
+    w = mel_filterbank(DIFFVC_RATE, DIFFVC_NFFT, DIFFVC_MELS, 0.0, DIFFVC_FMAX).astype(np.float64)  # (80, 513)
+    v = mel_filterbank(GE2E_RATE, GE2E_NFFT, GE2E_MELS).astype(np.float64)  # (40, 201)
+    f_w = np.linspace(0.0, DIFFVC_RATE / 2.0, w.shape[1])
+    f_v = np.linspace(0.0, GE2E_RATE / 2.0, v.shape[1])
+    tri = np.stack([np.interp(f_v, f_w, row) for row in w], 1)  # each DiffVC triangle at GE2E's bins (201, 80)
+    cover = tri.sum(1, keepdims=True)
+    density = np.where(cover > 0, tri / np.maximum(cover, 1e-12), 0.0)  # a GE2E bin's density from the bands over it
+    # Hann power gains of the two STFTs (sum of w^2 = 3N/8): GE2E's 400-point power vs DiffVC's 1024-point amplitude
+    gain = (3 * GE2E_NFFT / 8) / (3 * DIFFVC_NFFT / 8)
+    mapping = torch.from_numpy(gain * v @ density)
+    inv_w2 = torch.from_numpy(1.0 / np.maximum(w.sum(1), 1e-12) ** 2)
+    return mapping.to(device=device, dtype=dtype), inv_w2.to(device=device, dtype=dtype)
+
+
+def ge2e_frames_from_diffvc_mel(log_mel: torch.Tensor) -> torch.Tensor:
+    """GE2E's input features approximated from a DiffVC log-mel, without a waveform (so without a vocoder):
+    (B, 80, T) natural-log amplitude mel at 22.05 kHz -> (B, T', 40) power mel on GE2E's 10 ms frame grid.
+
+    Each DiffVC band's amplitude over its filter weight is the band's mean magnitude, squared a power density;
+    GE2E's bands integrate the densities of the DiffVC bands under them; frames are linearly interpolated from
+    DiffVC's 11.6 ms hop. What GE2E embeds from these agrees with its embedding of the waveform itself (cosine
+    0.90-0.98 on the corpus speakers, tests/test_features.py). Differentiable; used by the engine's L_voice."""
+    mapping, inv_w2 = _mel_map(log_mel.device, log_mel.dtype)
+    power = torch.exp(2.0 * log_mel) * inv_w2[:, None]
+    bands = torch.einsum("jk,bkt->bjt", mapping, power)
+    frames = max(1, round(log_mel.shape[-1] * DIFFVC_HOP / DIFFVC_RATE * GE2E_RATE / GE2E_HOP))
+    return torch.nn.functional.interpolate(bands, size=frames, mode="linear", align_corners=False).transpose(1, 2)
+
+
 def _as_batch(wave: torch.Tensor) -> torch.Tensor:
     if wave.dim() == 1:
         return wave.unsqueeze(0)

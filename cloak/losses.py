@@ -18,6 +18,13 @@ Interpretation choices where the paper is ambiguous (numbers refer to reference.
   L_sem   Up-path features `ups.0`, `ups.1` (the two up blocks' outputs): 1 - cos(f_adv, f_clean) +
           cos(f_adv, f_noise), cosine over each sample's flattened feature, averaged over layers and batch.
           f_noise comes from Gaussian white noise used as both source and reference, fixed per job (10).
+  L_voice Not in the paper; for a DiffVC with a speaker-adaptive prior (cloak-mini 2). Measured there: the decoder
+          takes the voice from the prior's mean alone (a clone whose decoder gets another speaker's d-vector and
+          reference mel, prior unchanged, keeps GE2E 0.704 to the reference speaker vs 0.706; whose prior gets them,
+          0.588), so the paper's U-Net terms, which act on the decoder's reference inputs, cannot reach the voice.
+          L_voice is L_ID's form on what the clone will sound like: the prior's mean for each surrogate source
+          under the adversarial reference, heard by GE2E through `ge2e_frames_from_diffvc_mel` (no vocoder),
+          pushed away from the same under the clean reference and toward the opposite-sex centroid of L_ID.
   Shared  Per repeat one (t, x_t, surrogate source) draw is used by every U-Net term (6); surrogate sources are
           other speakers' utterances of the protected speaker's gender (7).
 """
@@ -34,6 +41,12 @@ def identity_loss(emb_adv: torch.Tensor, emb_clean: torch.Tensor, centroid_opp: 
     """1 - cos(adv, clean) + cos(adv, opposite-gender centroid), batch mean."""
     return (1.0 - F.cosine_similarity(emb_adv, emb_clean, dim=-1)
             + F.cosine_similarity(emb_adv, centroid_opp, dim=-1)).mean()
+
+
+def voice_loss(emb_adv: torch.Tensor, emb_clean: torch.Tensor, centroid_opp: torch.Tensor) -> torch.Tensor:
+    """L_voice: L_ID's form on GE2E embeddings (R, D) of the prior means of R surrogate sources under the
+    adversarial and the clean reference; centroid (1, D) or (R, D)."""
+    return identity_loss(emb_adv, emb_clean, centroid_opp)
 
 
 def summed_context(internals: ScoreInternals, keys: tuple[str, ...] = DOWN_ATTN_KEYS) -> torch.Tensor:

@@ -29,16 +29,25 @@ from .audio import fit_to_budget, validate_samples
 from .bundle import BundleError, Models
 from .config import LOSS_NAMES, ProtectConfig
 from .early_stop import AttackerCheck, unavailable_reason
-from .features import DIFFVC_HOP, DIFFVC_RATE, GE2E_RATE, diffvc_mel, resample
+from .features import DIFFVC_HOP, DIFFVC_RATE, GE2E_RATE, diffvc_mel, ge2e_frames_from_diffvc_mel, resample
 from .jobs import Cancelled, CancelToken, Progress, ProgressFn, ProtectResult
-from .losses import context_log_probs, context_loss, identity_loss, score_loss, semantic_loss, summed_context
+from .losses import (
+    context_log_probs,
+    context_loss,
+    identity_loss,
+    score_loss,
+    semantic_loss,
+    summed_context,
+    voice_loss,
+)
 from .models.diffvc_decoder import ScoreInternals
 from .models.ge2e import volume_gain
+from .models.prior import SpeakerCondition
 from .perceptual import masking_threshold, shaped_step
 from .pitch import DEFAULT_LOG_F0
 
 # Changes whenever the same settings would give a different perturbation (caches of protected audio key on it).
-ENGINE_VERSION = "3: delta shaped under the masking threshold (shaping=masking)"
+ENGINE_VERSION = "4: L_voice on the speaker-adaptive prior's mean"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,8 +70,9 @@ class _Pool:
     noise: torch.Tensor | None = None  # (P, 80, S)
     log_f0: torch.Tensor | None = None  # (P, 1, S)
     voiced: torch.Tensor | None = None  # (P, 1, S)
+    voice_clean: torch.Tensor | None = None  # (P, D) GE2E of the prior mean under the clean reference (L_voice)
 
-    _PRIOR_FIELDS = ("src", "noise", "log_f0", "voiced")
+    _PRIOR_FIELDS = ("src", "noise", "log_f0", "voiced", "voice_clean")
 
     def take(self, idx: torch.Tensor) -> _Pool:
         extra = {k: None if getattr(self, k) is None else getattr(self, k)[idx] for k in self._PRIOR_FIELDS}
@@ -99,7 +109,7 @@ class WindowAttack:
         self.m = models
         self.cfg = cfg
         self.dev = models.device
-        self.weights = cfg.loss_weights
+        self.weights = voice_applicable(cfg.loss_weights, models)
         self.band_rate = sample_rate if sample_rate < DIFFVC_RATE else None
         n = x22.shape[-1] // DIFFVC_HOP * DIFFVC_HOP
         self.x = x22[:n].to(self.dev)[None]  # (1, N)
@@ -118,6 +128,11 @@ class WindowAttack:
             self.pool.logp_ref, self.pool.feat_clean = self._internals(self.reference(self.x, x16 * self.gain),
                                                                        self.pool)
             self._noise_features(gen)
+            if self.weights["voice"] > 0:
+                clean_ref = diffvc_mel(self.x), self.m.ge2e.embed(x16 * self.gain)
+                self.pool.voice_clean = voice_embeddings(models, clean_ref[0], clean_ref[1], self.pool,
+                                                         torch.zeros(self.pool.t.shape[0], dtype=torch.long,
+                                                                     device=self.dev), self.gain_t)
             # perceptual shaping (cloak.perceptual): per-bin bound on delta's STFT from this window's clean audio
             self.shaping_bound = masking_threshold(self.x[0], DIFFVC_RATE, cfg.masking_margin_db,
                                                    exponent=cfg.masking_exponent) \
@@ -135,12 +150,14 @@ class WindowAttack:
             choice = candidates[int(torch.randint(len(candidates), (1,), generator=gen))]
             self.opposite_name = bank.names[choice]
             self.centroids = [bank.centroids[choice:choice + 1].to(self.dev)]
+            self.voice_centroid = self.centroids[0]
         else:
             # other encoders need audio: a voice-bank speaker, its centroid computed with each encoder
             opp = models.bank.of_sex(opp_sex)
             speaker = opp[int(torch.randint(len(opp), (1,), generator=gen))]
             self.opposite_name = speaker.name
             self.centroids = [models.bank.centroid(e, speaker, self.dev) for e in self.id_encoders]
+            self.voice_centroid = models.bank.centroid(models.ge2e, speaker, self.dev)
 
     def _draw_pool(self, gen: torch.Generator) -> None:
         """Fixed (t, surrogate source, x_t) draws, t stratified over the first t_adv sampler grid points;
@@ -249,17 +266,24 @@ def objective(attacks: list[WindowAttack], deltas: torch.Tensor,
             terms = [identity_loss(emb[j:j + 1], clean, cent)
                      for emb, clean, cent in zip(embs, a.emb_clean, a.centroids, strict=True)]
             out[j]["id"] = torch.stack(terms).mean()
+    if not (want["ctx"] or want["score"] or want["sem"] or want["voice"]):
+        return out
+    pools = [a.pool.take(i) for a, i in zip(attacks, idxs, strict=True)]
+    counts = [p.t.shape[0] for p in pools]
+    offsets = [0, *np.cumsum(counts).tolist()]
+    pool = _Pool.cat(pools)
+    mel = diffvc_mel(x_adv)
+    rep = torch.cat([torch.full((n,), j, device=dev, dtype=torch.long) for j, n in enumerate(counts)])
+    if want["voice"]:
+        emb = voice_embeddings(m, mel, c, pool, rep, gains[:, 0])
+        for j, a in enumerate(attacks):
+            sl = slice(offsets[j], offsets[j + 1])
+            out[j]["voice"] = voice_loss(emb[sl], pool.voice_clean[sl], a.voice_centroid)
     if want["ctx"] or want["score"] or want["sem"]:
-        pools = [a.pool.take(i) for a, i in zip(attacks, idxs, strict=True)]
-        counts = [p.t.shape[0] for p in pools]
-        pool = _Pool.cat(pools)
-        mel = diffvc_mel(x_adv)
         mask = torch.ones(mel.shape[0], 1, mel.shape[-1], device=dev)
         mean_ref = m.diffvc.average_voice(mel, mask)
-        rep = torch.cat([torch.full((n,), j, device=dev, dtype=torch.long) for j, n in enumerate(counts)])
         score, internals = unet_score(m, (mel[rep], mean_ref[rep], c[rep]), pool)
         ctx = summed_context(internals) if want["ctx"] else None
-        offsets = [0, *np.cumsum(counts).tolist()]
         for j in range(len(attacks)):
             sl = slice(offsets[j], offsets[j + 1])
             if want["ctx"]:
@@ -290,6 +314,31 @@ def unet_score(m: Models, ref: tuple[torch.Tensor, ...], pool: _Pool) -> tuple[t
         score, internals = m.diffvc.score(x_t, pool.mask, mean, xt_ref, mask, c, pool.t,
                                           return_internals=True)
     return score.float(), internals
+
+
+def voice_applicable(weights: dict[str, float], models: Models) -> dict[str, float]:
+    """The loss weights a job runs with: L_voice needs a speaker-adaptive prior (cloak-mini 2); with a DiffVC
+    without one it is skipped, and a job that asked for nothing else is refused (BundleError)."""
+    if models.prior is not None or weights["voice"] == 0:
+        return weights
+    if not any(w > 0 for k, w in weights.items() if k != "voice"):
+        raise BundleError("the voice loss (L_voice) needs a DiffVC with a speaker-adaptive prior (cloak-mini 2); "
+                          f"this model ({models.diffvc_id}) has none: add other loss terms")
+    return weights | {"voice": 0.0}
+
+
+def voice_embeddings(m: Models, mel: torch.Tensor, c: torch.Tensor, pool: _Pool, rep: torch.Tensor,
+                     gains: torch.Tensor) -> torch.Tensor:
+    """GE2E embeddings (R, D) of the prior's means for the pool's surrogate sources, row r conditioned on
+    reference rep[r] (its log-mel (J, 80, T), d-vector (J, D), GE2E volume gain (J,)): what the clone will sound
+    like, heard without a vocoder (`ge2e_frames_from_diffvc_mel`). The gain puts the mean at GE2E's level."""
+    assert m.prior is not None
+    mask = torch.ones(mel.shape[0], 1, mel.shape[-1], device=mel.device)
+    spk = m.prior.condition(c, mel, mask)
+    spk = SpeakerCondition(spk.cond[rep], spk.env_mean[rep], spk.env_std[rep], spk.f0_mean[rep], spk.f0_std[rep])
+    mean = m.prior.convert_mean(pool.mean, pool.mask, pool.log_f0, pool.voiced, spk)
+    log_mel = mean + torch.log(gains.to(mean.dtype))[rep][:, None, None]
+    return m.ge2e.embed_frames(ge2e_frames_from_diffvc_mel(log_mel))
 
 
 def pgd_step(jobs: list[ProtectionJob]) -> None:
@@ -350,6 +399,7 @@ class ProtectionJob:
         self.cfg = config or ProtectConfig()
         self.models = models
         self.samples = validate_samples(audio, sample_rate, name="input audio")
+        voice_applicable(self.cfg.loss_weights, models)  # refuse a voice-only job on a model without a prior, early
         if self.cfg.early_stop:
             reason = unavailable_reason(models.vocoder_dir)
             if reason is not None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from cloak import ConfigError, ProtectConfig
 from cloak.audio import fit_to_budget
-from cloak.config import LOSS_NAMES
+from cloak.config import LOSS_NAMES, PAPER_LOSSES
 
 from .gen import cloak_service_pb2 as pb
 
@@ -27,7 +27,8 @@ GENDERS = {pb.GENDER_UNSPECIFIED: None, pb.GENDER_AUTO: "auto", pb.GENDER_FEMALE
 GENDER_ENUM = {"auto": pb.GENDER_AUTO, "female": pb.GENDER_FEMALE, "male": pb.GENDER_MALE}
 ENCODERS = {pb.SPEAKER_ENCODER_GE2E: "ge2e", pb.SPEAKER_ENCODER_WAVLM: "wavlm"}
 ENCODER_ENUM = {v: k for k, v in ENCODERS.items()}
-LOSSES = {pb.LOSS_TERM_ID: "id", pb.LOSS_TERM_CTX: "ctx", pb.LOSS_TERM_SCORE: "score", pb.LOSS_TERM_SEM: "sem"}
+LOSSES = {pb.LOSS_TERM_ID: "id", pb.LOSS_TERM_CTX: "ctx", pb.LOSS_TERM_SCORE: "score", pb.LOSS_TERM_SEM: "sem",
+          pb.LOSS_TERM_VOICE: "voice"}
 LOSS_ENUM = {v: k for k, v in LOSSES.items()}
 # ProtectConfig fields carried as optional scalars of the same name
 SCALAR_FIELDS = ("epsilon", "step_size", "iterations", "repeats", "t_adv", "seed", "source_frames", "window_seconds",
@@ -62,10 +63,11 @@ def settings_to_config(s: pb.ProtectSettings) -> ProtectConfig:
                 raise InvalidInput(f"settings.{name} must be a finite number, got {v}")
             values[name] = v
     if len(s.weights):
-        if len(s.weights) != 4:
-            raise InvalidInput(f"settings.weights must be empty (defaults) or exactly 4 numbers (id, ctx, score, sem), "
+        if len(s.weights) not in (len(PAPER_LOSSES), len(LOSS_NAMES)):
+            raise InvalidInput(f"settings.weights must be empty (defaults), {len(LOSS_NAMES)} numbers "
+                               f"({', '.join(LOSS_NAMES)}) or {len(PAPER_LOSSES)} (voice at its default), "
                                f"got {len(s.weights)}")
-        for i, (term, w) in enumerate(zip(LOSS_NAMES, s.weights, strict=True)):
+        for i, (term, w) in enumerate(zip(LOSS_NAMES, s.weights, strict=False)):
             if not math.isfinite(w):
                 raise InvalidInput(f"settings.weights[{i}] ({term}) must be a finite number, got {w}")
             if w > MAX_WEIGHT or 0 < w < MIN_POSITIVE_WEIGHT:
@@ -84,7 +86,7 @@ def settings_to_config(s: pb.ProtectSettings) -> ProtectConfig:
     if len(s.losses):
         bad = [e for e in s.losses if e not in LOSSES]
         if bad:
-            raise InvalidInput(f"settings.losses: unknown value(s) {bad}; use LOSS_TERM_ID/_CTX/_SCORE/_SEM")
+            raise InvalidInput(f"settings.losses: unknown value(s) {bad}; use LOSS_TERM_ID/_CTX/_SCORE/_SEM/_VOICE")
         values["losses"] = tuple(dict.fromkeys(LOSSES[e] for e in s.losses))
     try:
         cfg = ProtectConfig(**values)

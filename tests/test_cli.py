@@ -249,6 +249,31 @@ def test_remote_flags_need_a_reachable_server(tmp_path: Path, speech: np.ndarray
         assert "--server" in capsys.readouterr().err
 
 
+def test_paper_preset_is_a_layer_under_file_and_flags(tmp_path: Path, speech: np.ndarray,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    inp = _mono16(speech[:16000], tmp_path / "a.wav")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "none"))
+
+    def effective(*extra: str) -> dict:
+        assert main(["protect", str(inp), "--dry-run", "--json", "--device", "cpu", *extra]) == 0
+        (rec,) = _json_lines(capsys.readouterr().out)
+        return rec["config"]
+
+    default = effective()
+    assert default["shaping"] == "masking" and default["losses"] == ["id", "ctx", "score", "sem", "voice"]
+    paper = effective("--preset", "paper")
+    assert paper["shaping"] == "none" and paper["losses"] == ["id", "ctx", "score", "sem"]
+    assert paper["weights"][:4] == [1.0, 4.5, 10.0, 0.85]
+    assert effective("--preset", "paper", "--shaping", "masking")["shaping"] == "masking"  # a flag beats the preset
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('preset = "paper"\niterations = 3\n')
+    from_file = effective("--config", str(cfg))
+    assert from_file["shaping"] == "none" and from_file["iterations"] == 3
+    assert main(["protect", str(inp), "--dry-run", "--preset", "fastest"]) == 2
+    assert "--preset" in capsys.readouterr().err
+
+
 def test_settings_precedence(tmp_path: Path, speech: np.ndarray, monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture[str]) -> None:
     inp = _mono16(speech[:16000], tmp_path / "a.wav")
@@ -265,7 +290,8 @@ def test_settings_precedence(tmp_path: Path, speech: np.ndarray, monkeypatch: py
 
     rec = effective()  # default config file
     assert (rec["config"]["iterations"], rec["config"]["seed"], rec["models_dir"]) == (7, 5, "/from/toml")
-    assert rec["config"]["weights"] == [1.0, 2.0, 3.0, 4.0] and rec["config"]["id_encoders"] == ["ge2e"]
+    assert rec["config"]["weights"] == [1.0, 2.0, 3.0, 4.0, 1.0]  # four numbers: lambda_voice keeps its default
+    assert rec["config"]["id_encoders"] == ["ge2e"]
     monkeypatch.setenv("CLOAK_MODELS", "/from/env")
     rec = effective("--seed", "9")  # env beats the file, flags beat both
     assert (rec["config"]["iterations"], rec["config"]["seed"], rec["models_dir"]) == (7, 9, "/from/env")

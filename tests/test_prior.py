@@ -143,7 +143,7 @@ def test_every_loss_term_reaches_the_reference_through_the_shipped_model(embedde
     idx = attack.next_indices(0)
     g = torch.Generator().manual_seed(1)
     start = ((torch.rand(attack.x.shape[-1], generator=g) * 2 - 1) * cfg.epsilon)[None]
-    for name in ("id", "ctx", "score", "sem"):
+    for name in ("id", "ctx", "score", "sem", "voice"):
         delta = start.clone().requires_grad_(True)
         loss = objective([attack], delta, [idx])[0][name]
         grad, = torch.autograd.grad(loss, delta)
@@ -159,6 +159,49 @@ def test_every_loss_term_reaches_the_reference_through_the_shipped_model(embedde
                       ref_mel, torch.ones(1, 1, ref_mel.shape[-1]), reference_embedding(embedded, ref))
     grad, = torch.autograd.grad(mean.pow(2).sum(), ref)
     assert grad.abs().sum() > 0
+
+
+def test_voice_term_pulls_from_the_first_step_and_moves_the_clone_voice(embedded):
+    """L_voice (GE2E on the prior's mean) is at its minimum-free start at delta = 0, so unlike L_ctx it has a
+    gradient there; a few sign steps raise it, i.e. the voice the prior renders for the surrogate sources moves away
+    from the clean reference's (the quantity the clone's identity follows with this model)."""
+    from cloak.config import ProtectConfig
+    from cloak.features import resample
+    from cloak.protect import WindowAttack, objective
+
+    x, sr = corpus_clip("librispeech_1998", 0, seconds=2.5)
+    x22 = resample(torch.from_numpy(x), sr, DIFFVC_RATE)
+    cfg = ProtectConfig(repeats=2, t_adv=2, seed=0, source_frames=64, losses=("voice",))
+    attack = WindowAttack(embedded, cfg, x22, sr, torch.Generator().manual_seed(0))
+    idx = attack.next_indices(0)
+    delta = torch.zeros(1, attack.x.shape[-1], requires_grad=True)
+    start = objective([attack], delta, [idx])[0]["voice"]
+    assert set(objective([attack], delta.detach(), [idx])[0]) == {"voice"}
+    # at delta = 0 the adversarial and clean means are equal: cosine 1, the loss is cos(., opposite centroid)
+    at_zero = (attack.pool.voice_clean[idx] * attack.voice_centroid).sum(-1).mean()
+    assert float(start.detach()) == pytest.approx(float(at_zero), abs=2e-3)
+    grad, = torch.autograd.grad(start, delta)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    d = torch.zeros_like(delta)
+    for _ in range(5):
+        d = d.detach().requires_grad_(True)
+        g, = torch.autograd.grad(objective([attack], d, [idx])[0]["voice"], d)
+        d = (d + 4e-4 * g.sign()).clamp(-0.002, 0.002)
+    assert float(objective([attack], d.detach(), [idx])[0]["voice"]) > float(start) + 0.01
+
+
+def test_voice_term_needs_a_prior(tiny_models):
+    """A model without a speaker-adaptive prior skips L_voice in the default set and refuses a voice-only job
+    before any work."""
+    from cloak import protect
+    from cloak.config import ProtectConfig
+
+    x, sr = corpus_clip("vctk_p225", 0, seconds=1.0)
+    fast = {"iterations": 1, "repeats": 1, "t_adv": 1, "source_frames": 32}
+    r = protect(x, sr, tiny_models, ProtectConfig(**fast))
+    assert "voice" not in r.metrics["losses_end"] and "id" in r.metrics["losses_end"]
+    with pytest.raises(BundleError, match="speaker-adaptive prior"):
+        protect(x, sr, tiny_models, ProtectConfig(**fast, losses=("voice",)))
 
 
 def test_scale_frequency_moves_a_formant_by_the_factor_and_is_differentiable():

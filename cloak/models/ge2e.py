@@ -132,6 +132,21 @@ class GE2E(nn.Module):
         b, s = parts.shape[:2]
         return self(parts.reshape(b * s, PARTIAL_FRAMES, -1)).reshape(b, s, -1)
 
+    def embed_frames(self, frames: torch.Tensor, frame_step: int = DIFFVC_FRAME_STEP) -> torch.Tensor:
+        """(B, T, 40) power-mel frames -> (B, 256) utterance embeddings: the mean of the 160-frame partials every
+        `frame_step` frames (one partial, zero-padded, when T < 160), normalised. For features that do not come
+        from a waveform (`cloak.features.ge2e_frames_from_diffvc_mel`)."""
+        t = frames.shape[1]
+        if t < PARTIAL_FRAMES:
+            frames = nn.functional.pad(frames, (0, 0, 0, PARTIAL_FRAMES - t))
+            t = PARTIAL_FRAMES
+        starts = torch.arange(0, t - PARTIAL_FRAMES + 1, frame_step, device=frames.device)
+        idx = starts[:, None] + torch.arange(PARTIAL_FRAMES, device=frames.device)[None, :]
+        parts = frames[:, idx]  # (B, S, 160, 40)
+        b, s = parts.shape[:2]
+        raw = self(parts.reshape(b * s, PARTIAL_FRAMES, -1)).reshape(b, s, -1).mean(1)
+        return raw / torch.linalg.vector_norm(raw, dim=1, keepdim=True).clamp_min(1e-12)
+
     def embed_utterance(self, wave_16k: torch.Tensor, frame_step: int = DIFFVC_FRAME_STEP) -> torch.Tensor:
         """Utterance d-vector as resemblyzer `embed_utterance(wav, rate=1.25)`: (B, N) at 16 kHz -> (B, 256)."""
         raw = self.partial_embeddings(wave_16k, frame_step).mean(1)

@@ -46,6 +46,7 @@ class LossTerm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOSS_TERM_CTX: _ClassVar[LossTerm]
     LOSS_TERM_SCORE: _ClassVar[LossTerm]
     LOSS_TERM_SEM: _ClassVar[LossTerm]
+    LOSS_TERM_VOICE: _ClassVar[LossTerm]
 
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -85,6 +86,7 @@ LOSS_TERM_ID: LossTerm
 LOSS_TERM_CTX: LossTerm
 LOSS_TERM_SCORE: LossTerm
 LOSS_TERM_SEM: LossTerm
+LOSS_TERM_VOICE: LossTerm
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
