@@ -6,6 +6,7 @@ Wiring (clients/cli.py): `Subcommand("evaluate", register_evaluate, run_evaluate
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -24,6 +25,7 @@ from clients.cli import (
     resolve_settings,
 )
 from cloak import BundleError
+from cloak.config import PRESETS
 from cloak.files import jsonable
 
 EVAL_MODULES = ("onnxruntime", "pesq", "pystoi", "lameenc", "noisereduce", "librosa", "matplotlib")
@@ -99,6 +101,9 @@ def register_evaluate(subparsers: Any) -> argparse.ArgumentParser:
                    help="CI-sized run: 2 speakers, 1 utterance, 3 s clips, 2 PGD iterations x 1 repeat, 3 sampler "
                         "steps (explicit flags still win)")
     add_common_model_args(p)
+    p.add_argument("--attacker-models", metavar="DIR",
+                   help="transfer: clone with this model bundle's DiffVC (one the cloak never saw) while the cloak is "
+                        "computed on --models; default: the same model (white-box)")
     g = p.add_argument_group("protocol")
     g.add_argument("--utterances", type=_positive_int, metavar="N", help="protected utterances per speaker (default 3)")
     g.add_argument("--sources", type=_positive_int, metavar="N",
@@ -117,9 +122,12 @@ def register_evaluate(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--quality-threshold", type=_positive_float, metavar="Q",
                    help="DNSMOS OVRL below which a clone counts as degraded (default 2.5; see report.md)")
     g.add_argument("--bootstrap", type=_positive_int, metavar="N", help="bootstrap resamples (default 2000)")
-    c = p.add_argument_group("protection settings (override the config file; defaults = the paper's)")
+    c = p.add_argument_group("protection settings (override the config file; defaults as for cloak protect)")
+    c.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="named settings under the config file and these flags (paper = the paper's engine)")
     c.add_argument("--losses", dest="losses", metavar="LIST",
-                   help="loss terms, comma-separated subset of id,ctx,score,sem (default all; paper Table 3 ablation)")
+                   help="loss terms, comma-separated subset of id,ctx,score,sem,voice (default all; ablations as in "
+                        "paper Table 3)")
     c.add_argument("--iterations", dest="iterations", type=int, metavar="N", help="PGD iterations (default 50)")
     c.add_argument("--repeats", dest="repeats", type=int, metavar="N", help="gradient repeats (default 5)")
     c.add_argument("--epsilon", dest="epsilon", type=float, metavar="EPS", help="l-inf bound (default 0.002)")
@@ -175,6 +183,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from cloak.evaluate import evaluate
 
     ev_settings, settings = build_settings(args)
+    attacker_dir = None
+    if args.attacker_models is not None:
+        attacker_dir = Path(args.attacker_models).expanduser()
+        if not attacker_dir.is_dir():
+            raise UsageError(f"--attacker-models: {attacker_dir} is not a directory")
     if args.threads is not None:
         import torch
 
@@ -185,9 +198,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
             print(f"cloak: loading models ({settings.models or 'embedded'}) on {settings.device}", file=sys.stderr,
                   flush=True)
         models = load_models_for(settings)
+        attacker = None if attacker_dir is None else \
+            load_models_for(dataclasses.replace(settings, models=str(attacker_dir)))
         try:
             report = evaluate(ev_settings, models, cancel=token, progress=not args.quiet,
-                              log=(lambda m: None) if args.quiet else None)
+                              log=(lambda m: None) if args.quiet else None, attacker=attacker)
         except (ValueError, FileNotFoundError) as e:
             if isinstance(e, BundleError):
                 raise

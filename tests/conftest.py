@@ -85,8 +85,8 @@ def tiny_models(corpus):
     return Models(diffvc=tiny_diffvc(), ge2e=GE2E.load(), bank=VoiceBank(), device=torch.device("cpu"))
 
 
-def make_bundle(d: Path, tame: bool = False) -> Path:
-    m = tiny_diffvc(tame=tame)
+def make_bundle(d: Path, tame: bool = False, seed: int = 0) -> Path:
+    m = tiny_diffvc(seed=seed, tame=tame)
     d.mkdir()
     torch.save({"config": m.config.to_dict(), "state_dict": m.state_dict(), "meta": {}}, d / "diffvc.pt")
     return d

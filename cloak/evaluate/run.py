@@ -66,7 +66,7 @@ from .protocol import (
 from .report import build_report, write_outputs
 from .transforms import get_transforms
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CLONE_RATE = 22_050
 
 
@@ -125,9 +125,13 @@ def build_encoders(models: Models, cfg: ProtectConfig) -> tuple[list[M.SpeakerEn
 
 class Evaluation:
     def __init__(self, settings: EvalSettings, models: Models, cancel: CancelToken | None = None,
-                 log: Callable[[str], None] | None = None, progress: bool = True) -> None:
+                 log: Callable[[str], None] | None = None, progress: bool = True,
+                 attacker: Models | None = None) -> None:
         self.s = settings
-        self.models = models
+        self.models = models  # what the cloak differentiates through
+        # what clones (transfer: a DiffVC the cloak never saw; default: the same one, white-box)
+        self.attacker = attacker if attacker is not None else models
+        self.transfer = attacker is not None
         self.cancel = cancel
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.show_progress = progress
@@ -136,12 +140,18 @@ class Evaluation:
         self.transforms = get_transforms(list(settings.transforms) if settings.transforms is not None else None)
         self.stats = {"protected": {"computed": 0, "reused": 0}, "clones": {"computed": 0, "reused": 0},
                       "embeddings": {"computed": 0, "reused": 0}}
-        model_ids = [{"name": i.name, "sha256": i.sha256} for i in models.info]
-        self.attack_fp = _digest({"v": CACHE_VERSION, "models": model_ids, "vocoder": str(models.vocoder_dir),
+        model_ids = [{"name": i.name, "sha256": i.sha256} for i in self.attacker.info]
+        self.attack_fp = _digest({"v": CACHE_VERSION, "models": model_ids, "vocoder": str(self.attacker.vocoder_dir),
                                   "steps": settings.steps, "mode": settings.mode, "seed": settings.seed,
                                   "max_seconds": settings.max_seconds,
                                   "encoders": [(e.name, e.checksum) for e in self.encoders]})
-        self.protect_fp = _digest({"attack": self.attack_fp, "config": self.cfg.to_dict(), "engine": ENGINE_VERSION})
+        # the protected audio depends on the cloak's models and settings only, so a transfer run reuses it; clones of
+        # it depend on both
+        cloak_ids = [{"name": i.name, "sha256": i.sha256} for i in models.info]
+        self.cloak_fp = _digest({"v": CACHE_VERSION, "models": cloak_ids,
+                                 "vocoder": str(models.vocoder_dir), "max_seconds": settings.max_seconds,
+                                 "config": self.cfg.to_dict(), "engine": ENGINE_VERSION})
+        self.protect_fp = _digest({"attack": self.attack_fp, "cloak": self.cloak_fp})
         self._dnsmos: M.DNSMOS | None = None
         self._bar: Any = None
 
@@ -213,7 +223,7 @@ class Evaluation:
         """(record, clean reference, protected reference, rate), cached."""
         import cloak
 
-        root = self.s.cache / f"protect-{self.protect_fp}" / utt.key
+        root = self.s.cache / f"cloak-{self.cloak_fp}" / utt.key
         rec_path, wav_path = root / "protected.json", root / "protected.wav"
         x, sr = self._load(utt.path, self.s.max_seconds)
         rec = read_json(rec_path)
@@ -265,7 +275,7 @@ class Evaluation:
             return rec
         src, src_sr = self._load(source, self.s.max_seconds)
         t0 = time.perf_counter()
-        r = clone(src, src_sr, reference, sr, self.models, steps=self.s.steps, mode=self.s.mode, seed=self.s.seed)
+        r = clone(src, src_sr, reference, sr, self.attacker, steps=self.s.steps, mode=self.s.mode, seed=self.s.seed)
         seconds = time.perf_counter() - t0
         wave = np.clip(np.nan_to_num(r.audio), -1.0, 1.0).astype(np.float32)
         w16 = M.to_rate(wave, r.sample_rate, 16_000)
@@ -424,8 +434,10 @@ def summarize_plain(values: list[float]) -> dict[str, Any]:
 
 
 def evaluate(settings: EvalSettings, models: Models, cancel: CancelToken | None = None,
-             log: Callable[[str], None] | None = None, progress: bool = True) -> dict[str, Any]:
+             log: Callable[[str], None] | None = None, progress: bool = True,
+             attacker: Models | None = None) -> dict[str, Any]:
     """Run the evaluation protocol and write OUT/report.json, OUT/report.md and the PNG plots; returns the report.
+    `attacker`: the DiffVC that clones, when it is not the one the cloak is computed on (transfer).
     Raises ValueError for an unusable speaker directory, BundleError for model problems, Cancelled."""
     if settings.steps < 1 or settings.utterances < 1 or settings.sources < 1:
         raise ValueError("steps, utterances and sources must be >= 1")
@@ -433,8 +445,8 @@ def evaluate(settings: EvalSettings, models: Models, cancel: CancelToken | None 
         M.dnsmos_model_paths()
     except FileNotFoundError as e:
         raise BundleError(str(e)) from e
-    models.vocoder()  # fail early (BundleError) when the attacker's vocoder is missing
-    return Evaluation(settings, models, cancel, log, progress).run()
+    (attacker or models).vocoder()  # fail early (BundleError) when the attacker's vocoder is missing
+    return Evaluation(settings, models, cancel, log, progress, attacker).run()
 
 
 __all__ = ["EvalSettings", "Evaluation", "evaluate", "select_speakers", "pick_sources", "pick_utterances", "QUICK",

@@ -420,13 +420,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--units", type=int, default=PriorSettings.n_units,
                    help="pseudo-phone units of the source's normalised mean (k-means; 0 = off)")
     p.add_argument("--prior-lr", type=float, default=PriorSettings.prior_lr)
+    p.add_argument("--seed", type=int, default=PriorSettings.seed,
+                   help="initialisation, unit k-means and data order (another seed gives an independent attacker, "
+                        "e.g. a transfer attacker for `cloak evaluate`)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="exported checkpoint (default CACHE/cloak-mini.pt)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
-    st = PriorSettings(prior_steps=a.prior_steps, dec_steps=a.dec_steps, mean_warp=a.mean_warp,
+    st = PriorSettings(seed=a.seed, prior_steps=a.prior_steps, dec_steps=a.dec_steps, mean_warp=a.mean_warp,
                        source_rooms=a.source_rooms, prior_lr=a.prior_lr,
                        n_units=a.units, bf16=cpu_has_native_bf16())
     cache = Path(a.cache)
