@@ -416,6 +416,7 @@ _FIELD_HELP: dict[str, tuple[str | None, str]] = {
     "early_stop_identity_drop": ("D", "early stop: required drop of the clone's GE2E similarity vs a clean "
                                       "clone (default 0.15)"),
     "early_stop_quality": ("MOS", "early stop: the clone's DNSMOS OVRL must be below this (default 2.5)"),
+    "random_start": (None, "start PGD from a random perturbation inside the bound instead of zero (off by default)"),
 }
 
 

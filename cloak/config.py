@@ -63,6 +63,10 @@ class ProtectConfig:
                  most GE2E effect at PESQ-WB >= 3.5 and SNR >= 33 dB (gamma 1 at 25 dB: half the effect;
                  gamma 0.3 at 27 dB: the same effect at lower PESQ), then measured on every corpus speaker at
                  -26 and -16 dBFS (bench/audibility.py; table in the README).
+    random_start start each window's PGD from a random delta (uniform in the epsilon box; with shaping, projected
+                 under the bound) instead of zero: the usual PGD random start. L_ctx is a divergence at its minimum
+                 at delta = 0, so it has no gradient there (bench/term_gradients.py); off by default (no measured
+                 gain against the embedded attacker, whose voice the U-Net terms do not reach).
     early_stop   end a window early once the attacker's clone fails (see cloak.early_stop; off by default):
                  checked every `early_stop_every` iterations; met when the clone's GE2E similarity to the
                  speaker dropped by `early_stop_identity_drop` vs a clean clone AND its DNSMOS OVRL is below
@@ -90,6 +94,7 @@ class ProtectConfig:
     early_stop_every: int = 10
     early_stop_identity_drop: float = 0.15
     early_stop_quality: float = 2.5
+    random_start: bool = False
 
     def __post_init__(self) -> None:
         weights = tuple(float(w) for w in self.weights)
@@ -131,6 +136,7 @@ class ProtectConfig:
         check(isinstance(self.masking_exponent, int | float) and 0.0 <= self.masking_exponent <= 1.0,
               f"masking_exponent must be in [0, 1], got {self.masking_exponent}")
         check(isinstance(self.early_stop, bool), f"early_stop must be true or false, got {self.early_stop!r}")
+        check(isinstance(self.random_start, bool), f"random_start must be true or false, got {self.random_start!r}")
         check(1 <= self.early_stop_every <= 10_000, f"early_stop_every must be in [1, 10000], got "
               f"{self.early_stop_every}")
         check(0.0 <= self.early_stop_identity_drop <= 2.0,

@@ -43,7 +43,7 @@ from .losses import (
 from .models.diffvc_decoder import ScoreInternals
 from .models.ge2e import volume_gain
 from .models.prior import SpeakerCondition
-from .perceptual import masking_threshold, shaped_step
+from .perceptual import masking_threshold, project_spectral, shaped_step
 from .pitch import DEFAULT_LOG_F0
 
 # Changes whenever the same settings would give a different perturbation (caches of protected audio key on it).
@@ -446,11 +446,23 @@ class ProtectionJob:
             if seg.shape[-1] < DIFFVC_HOP * 16:  # too short for the U-Net: pad with silence for the attack
                 seg = torch.nn.functional.pad(seg, (0, DIFFVC_HOP * 16 - seg.shape[-1]))
             self.attack = WindowAttack(self.models, self.cfg, seg, self.sample_rate, self.gen)
-            self.delta = torch.zeros_like(self.attack.x[0])
+            self.delta = self.start_delta(self.attack)
             self.first_idx = self.attack.next_indices(0)
             self.history = []
             self.iteration = 0
         return self.attack
+
+    def start_delta(self, attack: WindowAttack) -> torch.Tensor:
+        """Zero, or with `random_start` a uniform draw in the epsilon box (projected under the shaping bound),
+        inside full scale; drawn from the job's generator, so a seed still makes the run reproducible."""
+        x = attack.x[0]
+        if not self.cfg.random_start:
+            return torch.zeros_like(x)
+        eps = self.cfg.epsilon
+        d = ((torch.rand(x.shape[-1], generator=self.gen) * 2 - 1) * eps).to(x.device)
+        if attack.shaping_bound is not None:
+            d = project_spectral(d, attack.shaping_bound)
+        return ((x + d.clamp(-eps, eps)).clamp(-1.0, 1.0) - x).clamp(-eps, eps)
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs whose prepared windows have equal keys can share one U-Net batch. Call `prepare()` first: the key

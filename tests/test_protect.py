@@ -140,6 +140,24 @@ def test_bad_rate_and_settings_are_refused(tiny_models):
         ProtectConfig.from_dict({"epsilon": 0.002, "lr": 1})
 
 
+def test_random_start_is_inside_the_bound_and_seeded(tiny_models):
+    x, sr = corpus_clip("vctk_p225", 0, seconds=1.0)
+    fast = {**FAST, "iterations": 1}
+    plain = protect(x, sr, tiny_models, ProtectConfig(**fast, shaping="none")).audio
+    runs = [protect(x, sr, tiny_models, ProtectConfig(**fast, shaping="none", random_start=True, seed=s)).audio
+            for s in (0, 0, 1)]
+    np.testing.assert_array_equal(runs[0], runs[1])  # the draw comes from the seeded generator
+    assert not np.array_equal(runs[0], runs[2]) and not np.array_equal(runs[0], plain)
+    cfg = ProtectConfig(**fast, shaping="none", random_start=True)
+    for r in runs:
+        d = r.astype(np.float64) - x
+        assert np.abs(d).max() <= cfg.epsilon + 1e-7
+    # one sign step from zero moves every sample by step_size; from a random start most samples sit elsewhere
+    d0 = np.abs(plain.astype(np.float64) - x)
+    d1 = np.abs(runs[0].astype(np.float64) - x)
+    assert np.median(d0) < 2 * cfg.step_size < np.median(d1)
+
+
 def test_losses_switch_off_for_ablation(tiny_models):
     x, sr = corpus_clip("vctk_p225", 0, seconds=1.0)
     r = protect(x, sr, tiny_models, ProtectConfig(**{**FAST, "iterations": 2}, losses=("id",)))

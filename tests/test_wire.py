@@ -18,11 +18,12 @@ from server.gen import cloak_service_pb2 as pb  # noqa: E402
 # Every ProtectConfig field at a valid value that is not its default: a field added to ProtectConfig must be added
 # here, and then round-trips through the wire only when both directions carry it.
 NON_DEFAULT: dict[str, Any] = {
-    "epsilon": 0.003, "step_size": 1e-4, "iterations": 3, "repeats": 2, "t_adv": 3, "weights": (1.0, 2.0, 3.0, 4.0),
+    "epsilon": 0.003, "step_size": 1e-4, "iterations": 3, "repeats": 2, "t_adv": 3,
+    "weights": (1.0, 2.0, 3.0, 4.0, 0.5),
     "seed": 9, "id_encoders": ("wavlm", "ge2e"), "gender": "female", "losses": ("id", "sem"), "source_frames": 48,
     "window_seconds": 3.0, "overlap_seconds": 0.5, "inference_steps": 50, "early_stop": True, "early_stop_every": 3,
     "early_stop_identity_drop": 0.25, "early_stop_quality": 3.0, "shaping": "none", "masking_margin_db": 30.0,
-    "masking_exponent": 0.75,
+    "masking_exponent": 0.75, "random_start": True,
 }
 
 
@@ -49,6 +50,12 @@ def test_bad_settings_name_the_field():
         wire.settings_to_config(pb.ProtectSettings(weights=[1, float("nan"), 1, 1]))
     with pytest.raises(wire.InvalidInput, match=r"settings\.epsilon"):
         wire.settings_to_config(pb.ProtectSettings(epsilon=5.0))
+    with pytest.raises(wire.InvalidInput, match=r"settings\.weights\[4\] \(voice\)"):
+        wire.settings_to_config(pb.ProtectSettings(weights=[1, 1, 1, 1, 1e9]))
+    with pytest.raises(wire.InvalidInput, match=r"settings\.weights must be empty .* got 3"):
+        wire.settings_to_config(pb.ProtectSettings(weights=[1, 1, 1]))
+    # four numbers (a client written before L_voice): the voice weight keeps its default
+    assert wire.settings_to_config(pb.ProtectSettings(weights=[1, 2, 3, 4])).weights == (1.0, 2.0, 3.0, 4.0, 1.0)
 
 
 def test_pcm_round_trips_in_both_encodings():
