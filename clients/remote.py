@@ -165,7 +165,7 @@ class RemoteProtector:
             return Cancelled(details)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return ServerUnavailable(code.name, details, _retry_after(e))
+            return ServerUnavailable(code.name, details, retry_after_seconds(e))
         return RemoteError(code.name, details)
 
     def _by_id(self, call: Callable[..., Any], request: Any, tries: int, timeout: float | None) -> Any:
@@ -398,7 +398,7 @@ def _metrics_dict(m: Any, wire: Any) -> dict[str, Any]:
     return out
 
 
-def _retry_after(e: Any) -> float | None:
+def retry_after_seconds(e: Any) -> float | None:
     """The RetryInfo delay of a RESOURCE_EXHAUSTED status, if the server sent one."""
     try:
         from google.rpc import error_details_pb2

@@ -261,7 +261,7 @@ def test_fbank_matches_numpy_on_corpus_speech(speech16k):
 def test_evaluate_uses_ecapa_from_the_bundle_as_primary_black_box_asv(tmp_path, speech16k):
     from cloak import ProtectConfig, load_models
     from cloak.evaluate.protocol import primary_encoder
-    from cloak.evaluate.report import _thresholds
+    from cloak.evaluate.report import asv_thresholds
     from cloak.evaluate.run import ECAPA_THRESHOLD, build_encoders
 
     bundle = make_bundle(tmp_path / "bundle", tame=True)
@@ -284,7 +284,7 @@ def test_evaluate_uses_ecapa_from_the_bundle_as_primary_black_box_asv(tmp_path, 
     v = ecapa.embed(speech16k)
     assert v.shape == (32,) and np.isclose(np.linalg.norm(v), 1.0, atol=1e-5)
     # the report uses the fixed 0.25 for ECAPA, the EER calibration for the others
-    thr = _thresholds({"ecapa": {"threshold": 0.6}, "ge2e": {"threshold": 0.7}}, info)
+    thr = asv_thresholds({"ecapa": {"threshold": 0.6}, "ge2e": {"threshold": 0.7}}, info)
     assert thr == {"ecapa": 0.25, "ge2e": 0.7}
 
 

@@ -360,7 +360,7 @@ def test_cancelled_run_raises_and_writes_no_report(tmp_path, two_speakers):
 
 
 def test_attacker_check_flags_an_attacker_that_keeps_the_source_voice():
-    from cloak.evaluate.report import _attacker_note, attacker_check
+    from cloak.evaluate.report import attacker_check, attacker_note
 
     def item(to_target, to_source):
         return {"scores": {"ge2e": to_target}, "source_scores": {"ge2e": to_source}}
@@ -368,7 +368,7 @@ def test_attacker_check_flags_an_attacker_that_keeps_the_source_voice():
     keeps = attacker_check([item(0.6, 0.7), item(0.55, 0.72), item(0.7, 0.65)], "ge2e", 200, 0)
     assert keeps["n"] == 3 and abs(keeps["closer_to_target_rate"]["mean"] - 1 / 3) < 1e-9 and not keeps["clones"]
     assert keeps["clone_vs_source"]["mean"] > keeps["clone_vs_target"]["mean"]
-    assert "source" in _attacker_note(keeps)[0]
+    assert "source" in attacker_note(keeps)[0]
     clones = attacker_check([item(0.8, 0.5), item(0.75, 0.6)], "ge2e", 200, 0)
-    assert clones["clones"] and _attacker_note(clones) == []
+    assert clones["clones"] and attacker_note(clones) == []
     assert not attacker_check([{"scores": {"ge2e": 0.5}}], "ge2e", 200, 0)["available"]  # old cache records

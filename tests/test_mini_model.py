@@ -43,7 +43,7 @@ def test_one_unseen_pair_clones_toward_the_reference(corpus):
     pytest.importorskip("cloak.models.hifigan")
     from cloak import load_models
     from cloak.audio import read_audio, to_mono
-    from cloak.train.acceptance import _embed, _enroll, clone_pair_scores
+    from cloak.train.acceptance import clone_pair_scores, embed_wave, enrollment
 
     models = load_models()
     src_spk, ref_spk = VAL_SPEAKERS[2], VAL_SPEAKERS[1]  # male source, female reference: both unseen in training
@@ -51,7 +51,7 @@ def test_one_unseen_pair_clones_toward_the_reference(corpus):
     ref_files = sorted((CORPUS / ref_spk).iterdir())
 
     def enroll(files, skip):
-        return _enroll([_embed(models, to_mono(read_audio(f).samples), read_audio(f).sample_rate)
+        return enrollment([embed_wave(models, to_mono(read_audio(f).samples), read_audio(f).sample_rate)
                         for f in files[:5] if f != skip])
 
     s = clone_pair_scores(models, src_files[0], ref_files[0], enroll(src_files, src_files[0]),

@@ -105,8 +105,8 @@ def test_silent_input_says_it_is_not_protected_instead_of_an_snr(ch):
 
 
 # ------------------------------------------------------------------------------------- upload idle timeout
-def _stalling(h: pb.ProtectHeader | None, chunks: list[bytes], stop: threading.Event,
-              empty_every: float | None = None, pause: float = 0.0, stall: bool = True):
+def stalling_upload(h: pb.ProtectHeader | None, chunks: list[bytes], stop: threading.Event,
+                    empty_every: float | None = None, pause: float = 0.0, stall: bool = True):
     """A request stream: the header, `chunks` (each after `pause` s), then (with stall) nothing or empty chunks
     until stop."""
     if h is not None:
@@ -140,12 +140,12 @@ def test_idle_uploads_end_deadline_exceeded_and_free_their_slot(models):
         stop = threading.Event()
         try:
             # nothing at all, not even a header
-            _, code, details, took = _timed_protect(s, _stalling(None, [], stop))
+            _, code, details, took = _timed_protect(s, stalling_upload(None, [], stop))
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no ProtectHeader for 1 s" in details
             assert 0.9 <= took < 5, took
             # a header and half the PCM, then silence; meanwhile the only queue slot is taken
             got: list = []
-            t = threading.Thread(target=lambda: got.append(_timed_protect(s, _stalling(h, [data[:4000]], stop))))
+            t = threading.Thread(target=lambda: got.append(_timed_protect(s, stalling_upload(h, [data[:4000]], stop))))
             t.start()
             wait_for(lambda: srv.scheduler.snapshot()["queue_depth"] == 1)
             assert raw_protect(s, messages(h, data))[1] == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -156,12 +156,12 @@ def test_idle_uploads_end_deadline_exceeded_and_free_their_slot(models):
             assert srv.scheduler.snapshot() == {"queue_depth": 0, "active_jobs": 0}  # the slot is free again
             assert raw_protect(s, messages(h, data))[1] == grpc.StatusCode.OK
             # empty chunks every 0.1 s are no progress
-            _, code, details, took = _timed_protect(s, _stalling(h, [], stop, empty_every=0.1))
+            _, code, details, took = _timed_protect(s, stalling_upload(h, [], stop, empty_every=0.1))
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no PCM bytes" in details and took < 5
             # a slow upload that keeps sending bytes is fine: 4 chunks 0.5 s apart, 2 s in all
             q = len(data) // 4 + 1
             chunks = [data[i:i + q] for i in range(0, len(data), q)]
-            events, code, details, took = _timed_protect(s, _stalling(h, chunks, stop, pause=0.5, stall=False))
+            events, code, details, took = _timed_protect(s, stalling_upload(h, chunks, stop, pause=0.5, stall=False))
             assert code == grpc.StatusCode.OK and kinds(events)[-1] == "done" and took >= 1.5, (code, details)
         finally:
             stop.set()
@@ -176,7 +176,7 @@ def _long_running(s, **kw) -> str:
     return events[0].job_id
 
 
-def _health_seconds(c: grpc.Channel) -> float:
+def health_seconds(c: grpc.Channel) -> float:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     t0 = time.monotonic()
@@ -191,7 +191,7 @@ def test_attach_and_protect_floods_are_capped_and_health_answers_within_a_second
         job = _long_running(s)
         # 80 Attach streams on one job: 4 stay open, 76 are refused at once with a retry hint
         calls = [s.Attach(pb.AttachRequest(job_id=job), timeout=60) for _ in range(80)]
-        assert max(_health_seconds(c) for _ in range(5)) < 1.0
+        assert max(health_seconds(c) for _ in range(5)) < 1.0
         open_, refused = [], []
         for call in calls:
             try:
@@ -216,9 +216,9 @@ def test_attach_and_protect_floods_are_capped_and_health_answers_within_a_second
         # 60 Protect streams that never send a header: one identity holds at most half of the
         # max_queue + max_batch + 8 = 14 streams
         stop = threading.Event()
-        stalled = [s.Protect(_stalling(None, [], stop), timeout=60) for _ in range(60)]
+        stalled = [s.Protect(stalling_upload(None, [], stop), timeout=60) for _ in range(60)]
         t0 = time.monotonic()
-        worst = max(_health_seconds(c) for _ in range(10))
+        worst = max(health_seconds(c) for _ in range(10))
         info_t0 = time.monotonic()
         info = s.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
         info_s = time.monotonic() - info_t0
@@ -458,7 +458,7 @@ def test_named_tokens_own_their_jobs_and_share_running_slots_fairly(models, tmp_
 
 # ------------------------------------------------------------------------------------------ memory budget
 def test_memory_budget_refuses_what_never_fits_and_defers_what_does_not_fit_now(models):
-    from clients.remote import _retry_after
+    from clients.remote import retry_after_seconds
     from server import memory
 
     budget = 300 << 20
@@ -482,13 +482,13 @@ def test_memory_budget_refuses_what_never_fits_and_defers_what_does_not_fit_now(
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("settings.repeats"), details
         # two uploads that stall hold the budget; a third is told to come back later
         stop = threading.Event()
-        stalled = [s.Protect(_stalling(h, [data[:1000]], stop), timeout=30) for _ in range(2)]
+        stalled = [s.Protect(stalling_upload(h, [data[:1000]], stop), timeout=30) for _ in range(2)]
         wait_for(lambda: srv.scheduler.memory.used == 2 * est.peak)
         call = s.Protect(iter(messages(h, data)), timeout=30)
         with pytest.raises(grpc.RpcError) as ei:
             list(call)
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "not enough memory" in ei.value.details()
-        assert _retry_after(ei.value) is not None
+        assert retry_after_seconds(ei.value) is not None
         assert srv.metrics.value("cloak_jobs_total", {"outcome": "rejected_memory"}) == 1
         for x in stalled:  # the idle timeout gives their memory back
             with pytest.raises(grpc.RpcError):

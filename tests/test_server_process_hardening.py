@@ -9,7 +9,7 @@ import time
 
 import grpc
 import pytest
-from test_server_hardening import _health_seconds, _stalling
+from test_server_hardening import health_seconds, stalling_upload
 from test_server_helpers import channel, fast_settings, header, messages, raw_protect, speech, stub, wait_for
 from test_server_process import Served
 
@@ -77,7 +77,7 @@ def test_text_logs_idle_uploads_and_health_under_a_stream_flood(tmp_path, corpus
             assert raw_protect(s, messages(h, data))[1] == grpc.StatusCode.OK
             # an upload that stops sending ends after the flag's 1 s
             t0 = time.monotonic()
-            call = s.Protect(_stalling(h, [data[:1000]], stop), timeout=30)
+            call = s.Protect(stalling_upload(h, [data[:1000]], stop), timeout=30)
             with pytest.raises(grpc.RpcError) as ei:
                 list(call)
             assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 5
@@ -85,8 +85,8 @@ def test_text_logs_idle_uploads_and_health_under_a_stream_flood(tmp_path, corpus
             h2, data2 = header(speech(1.0), 16000, fast_settings(iterations=5000), keep_on_disconnect=True)
             job = raw_protect(s, messages(h2, data2), stop_after="started", timeout=None)[0][0].job_id
             attaches = [s.Attach(pb.AttachRequest(job_id=job), timeout=60) for _ in range(80)]
-            stalled = [s.Protect(_stalling(None, [], stop), timeout=60) for _ in range(40)]
-            worst = max(_health_seconds(c) for _ in range(10))
+            stalled = [s.Protect(stalling_upload(None, [], stop), timeout=60) for _ in range(40)]
+            worst = max(health_seconds(c) for _ in range(10))
             t0 = time.monotonic()
             info = s.GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
             assert worst < 1.0 and time.monotonic() - t0 < 1.0, worst
@@ -124,7 +124,7 @@ def test_text_logs_idle_uploads_and_health_under_a_stream_flood(tmp_path, corpus
 
 def _try_health(c: grpc.Channel) -> bool:
     try:
-        return _health_seconds(c) >= 0
+        return health_seconds(c) >= 0
     except (grpc.RpcError, AssertionError):
         return False
 

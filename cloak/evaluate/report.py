@@ -41,7 +41,7 @@ DNSMOS_KEYS = ("sig", "bak", "ovrl", "p808")
 IMPERCEPTIBILITY_KEYS = ("pesq", "stoi", "snr_db", "mcd_db", "linf")
 
 
-def _thresholds(calibration: dict[str, Any], encoder_info: dict[str, Any]) -> dict[str, float | None]:
+def asv_thresholds(calibration: dict[str, Any], encoder_info: dict[str, Any]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for name, cal in calibration.items():
         fixed = encoder_info.get(name, {}).get("fixed_threshold")
@@ -117,7 +117,7 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
                  protected: list[dict[str, Any]], items: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     s = ev.s
     n_boot, seed = s.bootstrap, s.seed
-    thresholds = _thresholds(calibration, ev.encoder_info)
+    thresholds = asv_thresholds(calibration, ev.encoder_info)
     primary = primary_encoder(ev.encoders)
     enc_names = [e.name for e in ev.encoders]
     order = condition_order(items)
@@ -206,7 +206,7 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
         "cache": {"dir": str(s.cache), "attack_fingerprint": ev.attack_fp, "protect_fingerprint": ev.protect_fp,
                   "cloak_fingerprint": ev.cloak_fp,
                   **ev.stats},
-        "notes": _notes(ev, primary, matched) + _attacker_note(attacker),
+        "notes": _notes(ev, primary, matched) + attacker_note(attacker),
     }
     return finite_json(report)
 
@@ -229,7 +229,7 @@ def attacker_check(clean_items: list[dict[str, Any]], primary: str, n_boot: int,
             "closer_to_target_rate": rate, "clones": bool(rate["mean"] is not None and rate["mean"] > 0.5)}
 
 
-def _attacker_note(check: dict[str, Any]) -> list[str]:
+def attacker_note(check: dict[str, Any]) -> list[str]:
     if not check.get("available") or check["clones"]:
         return []
     r = check["closer_to_target_rate"]["mean"]
@@ -621,4 +621,4 @@ def load_report(path: Path) -> dict[str, Any]:
 
 
 __all__ = ["SCHEMA", "build_report", "render_markdown", "make_plots", "write_outputs", "summarize_condition",
-           "paired_deltas", "condition_order", "load_report"]
+           "paired_deltas", "condition_order", "load_report", "asv_thresholds", "attacker_note", "attacker_check"]

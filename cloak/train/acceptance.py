@@ -35,7 +35,7 @@ from .mini import VAL_SPEAKERS
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
 
 
-def _embed(models: Models, wave: np.ndarray, rate: int) -> torch.Tensor:
+def embed_wave(models: Models, wave: np.ndarray, rate: int) -> torch.Tensor:
     w16 = resample(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), rate, GE2E_RATE)[None]
     with torch.no_grad():
         return models.ge2e.embed(w16 * volume_gain(w16))[0]
@@ -45,7 +45,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
-def _enroll(embs: list[torch.Tensor]) -> torch.Tensor:
+def enrollment(embs: list[torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.stack(embs).mean(0), dim=0)
 
 
@@ -55,8 +55,8 @@ def clone_pair_scores(models: Models, src_file: Path, ref_file: Path, enroll_src
     """GE2E cosines of one clone; the clone's embedding is appended to `embeddings` when given."""
     src, ref = read_audio(src_file), read_audio(ref_file)
     out = clone(src.samples, src.sample_rate, ref.samples, ref.sample_rate, models, steps=steps, seed=seed)
-    e_clone = _embed(models, out.audio, out.sample_rate)
-    e_src = _embed(models, to_mono(src.samples), src.sample_rate)
+    e_clone = embed_wave(models, out.audio, out.sample_rate)
+    e_src = embed_wave(models, to_mono(src.samples), src.sample_rate)
     if embeddings is not None:
         embeddings.append(e_clone)
     scores = {"clone_vs_ref": _cos(e_clone, enroll_ref), "clone_vs_src": _cos(e_clone, enroll_src),
@@ -81,9 +81,9 @@ def run(models: Models, corpus: Path = CORPUS, pairs_per_speaker_pair: int = 2, 
     for a, b in itertools.permutations(sorted(speakers), 2):
         for k in range(pairs_per_speaker_pair):
             src_f, ref_f = files[a][k], files[b][k]
-            enroll_a = _enroll([_embed(models, to_mono(read_audio(f).samples), read_audio(f).sample_rate)
+            enroll_a = enrollment([embed_wave(models, to_mono(read_audio(f).samples), read_audio(f).sample_rate)
                                 for f in files[a] if f != src_f])
-            enroll_b = _enroll([_embed(models, to_mono(read_audio(f).samples), read_audio(f).sample_rate)
+            enroll_b = enrollment([embed_wave(models, to_mono(read_audio(f).samples), read_audio(f).sample_rate)
                                 for f in files[b] if f != ref_f])
             s = clone_pair_scores(models, src_f, ref_f, enroll_a, enroll_b, steps, dnsmos=dnsmos,
                                   embeddings=clones_of.setdefault(str(src_f), []))
@@ -127,8 +127,8 @@ def encoder_identity_removal(models: Models, corpus: Path = CORPUS, per_speaker:
             w22 = resample(torch.from_numpy(to_mono(a.samples)), a.sample_rate, DIFFVC_RATE)[None]
             mel = diffvc_mel(w22)
             mean = models.diffvc.average_voice(mel, torch.ones(1, 1, mel.shape[-1]))
-            orig.setdefault(spk.name, []).append(_embed(models, voc(mel)[0].numpy(), DIFFVC_RATE))
-            avg.setdefault(spk.name, []).append(_embed(models, voc(mean)[0].numpy(), DIFFVC_RATE))
+            orig.setdefault(spk.name, []).append(embed_wave(models, voc(mel)[0].numpy(), DIFFVC_RATE))
+            avg.setdefault(spk.name, []).append(embed_wave(models, voc(mean)[0].numpy(), DIFFVC_RATE))
 
     def mean_cos(d: dict[str, list[torch.Tensor]], same: bool) -> float:
         vals = []
