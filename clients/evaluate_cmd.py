@@ -1,6 +1,6 @@
 """`cloak evaluate`: measure the protection on a directory of speakers, as the paper does.
 
-Wiring (clients/cli.py): `Subcommand("evaluate", register_evaluate, run_evaluate, evaluate_available)`.
+Wiring (clients/cli/__init__.py): `Subcommand("evaluate", register_evaluate, run_evaluate, evaluate_available)`.
 """
 
 from __future__ import annotations

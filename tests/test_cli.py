@@ -24,6 +24,7 @@ from scipy.signal import resample_poly
 import cloak
 from clients import cli
 from clients.cli import main
+from clients.cli import protector as cli_protector
 
 SPEECH = SAMPLE  # LibriSpeech 3331-159605-0003, 16 kHz PCM_16 FLAC, ships with the package
 EPS = 0.002
@@ -433,7 +434,7 @@ def test_clone_registered_only_if_available(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_module_entry_point_subprocess() -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).resolve().parents[2])}  # clients/cli/__init__.py
     r = subprocess.run([sys.executable, "-m", "clients.cli", "--help"], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0, r.stderr
@@ -462,7 +463,7 @@ def _fake_engine(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         out = np.clip(x + delta, -1, 1).astype(np.float32)
         return ProtectResult(out, sample_rate, {"seconds": 0.0, "iterations": 1})
 
-    monkeypatch.setattr(cli, "load_models_for", load)
+    monkeypatch.setattr(cli_protector, "load_models_for", load)
     monkeypatch.setattr(cloak, "protect", protect)
     return calls
 
@@ -558,8 +559,8 @@ def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(settings: cli.Settings) -> None:
         raise AssertionError("models were loaded although nothing needed them")
 
-    monkeypatch.setattr(cli, "load_models_for", refuse)
-    monkeypatch.setattr(cli, "_remote_protector", refuse)
+    monkeypatch.setattr(cli_protector, "load_models_for", refuse)
+    monkeypatch.setattr(cli_protector, "remote_protector", refuse)
 
 
 @pytest.mark.parametrize(("extra", "line"), [

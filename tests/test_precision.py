@@ -167,6 +167,7 @@ def test_cloak_protect_runs_with_the_default_thread_count(tiny_bundle, tmp_path,
     """Without --threads (and without OMP_NUM_THREADS) an fp32 `cloak protect` sets torch to default_threads() before
     models load; --threads N wins; bf16 keeps the thread count fixed (its results depend on it)."""
     import clients.cli as cli
+    import clients.cli.protector as cli_protector
     from cloak.bundle import BundleError
 
     seen: list[int] = []
@@ -178,7 +179,7 @@ def test_cloak_protect_runs_with_the_default_thread_count(tiny_bundle, tmp_path,
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu, "default_threads", lambda sample_s=0.1: 2 if before == 1 else 1)
-    monkeypatch.setattr(cli, "load_models_for", record)
+    monkeypatch.setattr(cli_protector, "load_models_for", record)
     try:
         args = ["protect", "--sample", "-o", str(tmp_path / "a.wav"), "--device", "cpu", "--models", str(tiny_bundle)]
         assert cli.main([*args, "--precision", "fp32"]) == 4
