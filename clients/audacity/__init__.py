@@ -5,7 +5,7 @@
 * :mod:`.macro`  - the "Cloak selection" macro and the label protocol it shares with watch mode
 * :mod:`.watch`  - `cloak audacity watch`: cloak the ranges the macro marked
 * :mod:`.setup`  - `cloak audacity install`: enable mod-script-pipe (backup first), install the macro
-* :mod:`.cli`    - ``register_audacity(subparsers)`` / ``run_audacity(args)`` for clients/cli.py
+* :mod:`.cli`    - ``register_audacity(subparsers)`` / ``run_audacity(args)`` for the ``clients.cli`` package
 """
 
 from .bridge import Bridge, BridgeCancelled, BridgeError, CloakOutcome, Processor, SelectionError

@@ -1,6 +1,6 @@
 """`cloak audacity install | cloak-selection | watch`: the Audacity bridge on the command line.
 
-Wiring (clients/cli.py): ``Subcommand("audacity", register_audacity, run_audacity)``. This module imports
+Wiring (clients/cli/__init__.py): ``Subcommand("audacity", register_audacity, run_audacity)``. This module imports
 clients.cli lazily (inside the functions), so either module may import the other at top level.
 """
 
