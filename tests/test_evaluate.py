@@ -250,11 +250,16 @@ def test_quick_run_report_schema_plots_and_resume(evaluate_main, tmp_path, two_s
         assert -1 <= it["scores"]["ge2e"] <= 1 and 0 < it["dnsmos"]["ovrl"] < 5  # polynomial-mapped MOS
         assert -1 <= it["scores"]["verifier"] <= 1 and it["scores"]["verifier"] != it["scores"]["ge2e"]
         assert it["source_speaker"] != it["speaker"]
-        if it["condition"] == "clean":  # the attacker check scores clean clones against their source speaker too
-            assert -1 <= it["source_scores"]["ge2e"] <= 1 and it["source_scores"]["ge2e"] != it["scores"]["ge2e"]
+        # every clone is also scored against its source speaker (attacker check; closer-to-target per condition)
+        assert -1 <= it["source_scores"]["ge2e"] <= 1 and it["source_scores"]["ge2e"] != it["scores"]["ge2e"]
     ac = r["attacker_check"]
     assert ac["available"] and ac["n"] == 2 and ac["closer_to_target_rate"]["mean"] in (0.0, 0.5, 1.0)
     assert ac["clones"] == (ac["closer_to_target_rate"]["mean"] > 0.5)
+    ct = r["closer_to_target"]
+    assert set(ct) == set(r["conditions"])
+    assert ct["clean"]["verifier"]["closer_to_target_rate"]["mean"] == ac["closer_to_target_rate"]["mean"]
+    for per in ct.values():
+        assert set(per) == {"ge2e", "verifier"} and per["verifier"]["n"] == 2
     # the reference recordings themselves, per condition: real speech of the speaker is accepted clean
     ri = r["reference_identity"]
     assert set(ri) == set(r["conditions"])
@@ -285,6 +290,7 @@ def test_quick_run_report_schema_plots_and_resume(evaluate_main, tmp_path, two_s
     for heading in ("| setting | ASV accept | DNSMOS OVRL | DSR | PESQ | MCD (dB) | SNR (dB) | STOI |",
                     "## Robustness", "## ASV calibration", "## Imperceptibility", "white-box", "mp3_32",
                     "## Attacker check", "## Identity of the reference recording itself",
+                    "## Clones closer to the reference speaker than to their source",
                     "ASV = verifier cosine", "| verifier | black-box |", "| ge2e | white-box |",
                     "Threshold of verifier: shipped with the weights"):
         assert heading in md

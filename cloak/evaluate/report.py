@@ -157,6 +157,9 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
     dnsmos_info = ev.dnsmos_info
     headline = _headline(conditions, imperceptibility, primary, thresholds.get(primary))
     attacker = attacker_check(by_cond.get("clean", []), primary, n_boot, seed + 50)
+    # per condition and encoder: share of clones closer to the target speaker than to their source (a cloak that
+    # works takes it from the clean references' rate down toward 0)
+    closer = {c: {e: attacker_check(by_cond[c], e, n_boot, seed + 70) for e in enc_names} for c in order}
     reference_identity = summarize_reference_identity(protected, enc_names, thresholds, n_boot, seed + 60)
     report: dict[str, Any] = {
         "schema": SCHEMA,
@@ -198,6 +201,7 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
         "reference_quality": reference_quality,
         "reference_identity": reference_identity,
         "attacker_check": attacker,
+        "closer_to_target": closer,
         "conditions": conditions,
         "calibration_scores": {k: {"target": v.get("target", []), "nontarget": v.get("nontarget", [])}
                                for k, v in calibration.items()},
@@ -387,6 +391,23 @@ def render_markdown(r: dict[str, Any]) -> str:
                  + ("The attacker clones: clone-level figures measure the cloak." if ac["clones"] else
                     "**The attacker keeps the source's voice: clone-level figures cannot show the cloak's effect.**"))
         L.append("")
+    ct = r.get("closer_to_target", {})
+    if ct:
+        encs = sorted({e for per in ct.values() for e, v in per.items() if v.get("available")})
+        if encs:
+            L.append("## Clones closer to the reference speaker than to their source")
+            L.append("")
+            L.append("Share of clones whose cosine to the reference (target) speaker's enrollment exceeds their cosine "
+                     "to the source speaker's: the attacker's success without a threshold. A working cloak takes it "
+                     "from the clean row down toward 0.")
+            L.append("")
+            L.append("| condition | " + " | ".join(encs) + " |")
+            L.append("|---|" + "---|" * len(encs))
+            for cond, per in ct.items():
+                cells = [_pct(per[e]["closer_to_target_rate"]) if per.get(e, {}).get("available") else "—"
+                         for e in encs]
+                L.append(f"| {cond} | " + " | ".join(cells) + " |")
+            L.append("")
     ri = r.get("reference_identity", {})
     if ri:
         L.append("## Identity of the reference recording itself (no attacker)")

@@ -378,7 +378,7 @@ class Evaluation:
                         else:
                             rec = self.clone_item(utt, src, cond, ref, sr, enroll_vecs, protected_cache=prot,
                                                   save=s.save_audio and tname is None,
-                                                  enroll_source=enroll_src if cond == "clean" else None)
+                                                  enroll_source=enroll_src)
                             rec = dict(rec, identity_transform=False)
                         rec.update(kind=kind, transform=tname, gender_matched=matched)
                         if tname is None:
