@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from speed import main  # noqa: E402
+from bench.speed import main
 
 if __name__ == "__main__":
     main()

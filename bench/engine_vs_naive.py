@@ -11,7 +11,6 @@ import argparse
 import copy
 import json
 import platform
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,15 +18,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from naive import naive_window_delta  # bench/naive.py: a script's own folder is on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from naive import naive_window_delta  # noqa: E402
-
-from cloak.bank import VoiceBank  # noqa: E402
-from cloak.bundle import Models, prepare_diffvc  # noqa: E402
-from cloak.config import ProtectConfig  # noqa: E402
-from cloak.models import GE2E, DiffVC  # noqa: E402
-from cloak.protect import ProtectionJob, run_jobs  # noqa: E402
+from cloak.bank import VoiceBank
+from cloak.bundle import Models, prepare_diffvc
+from cloak.config import ProtectConfig
+from cloak.models import GE2E, DiffVC
+from cloak.protect import ProtectionJob, run_jobs
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -26,13 +25,12 @@ import numpy as np
 import soundfile as sf
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from clients.remote import RemoteProtector  # noqa: E402
-from cloak import ProtectConfig, load_models  # noqa: E402
-from server.app import CloakServer  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
+from clients.remote import RemoteProtector
+from cloak import ProtectConfig, load_models
+from server.app import CloakServer
+from server.config import ServerConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
 
 

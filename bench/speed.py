@@ -30,7 +30,6 @@ import soundfile as sf
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 
 from cloak import Progress  # noqa: E402
 from cloak.bundle import Models, load_models  # noqa: E402
