@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 import cloak
+from cloak.protect import voice_applicable
 
 from . import errors, logs, memory, pcm, wire
 from .config import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
@@ -216,6 +217,12 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
         if "wavlm" in upload.config.id_encoders and models is not None and models.wavlm is None:
             raise pcm.InvalidInput("settings.id_encoders: this server's model bundle has no WavLM-SV model; "
                                    "use SPEAKER_ENCODER_GE2E")
+        if models is not None:  # L_voice drops out on a DiffVC without a speaker-adaptive prior
+            try:
+                voice_applicable(upload.config.loss_weights, models)
+            except cloak.BundleError as e:
+                raise pcm.InvalidInput(f"settings.weights: no enabled loss term applies to this server's model: "
+                                       f"{e}") from e
         if len(header.client_name) > 256:
             raise pcm.InvalidInput("header.client_name: at most 256 characters")
         return upload
