@@ -8,8 +8,12 @@ reference each, protected with each named setting, cloned by the embedded cloak-
 utterances of other speakers of the same sex, the clones scored with GE2E (white-box) and the shipped black-box
 verifier against the reference speaker's enrollment (their other utterances) and against the source's; the
 protected reference against the clean one with PESQ-WB and SNR. A quick map of where the effect starts, not the
-evaluation protocol (`cloak evaluate` is). Results are checkpointed per (setting, reference) into
-bench/results/operating_points.json; the markdown table goes to bench/results/operating_points.md.
+evaluation protocol (`cloak evaluate` is). The tuning speakers were in cloak-mini's training set (only the three
+validation speakers were held out). Clones go to 16 kHz with the engine's resampler (`cloak.features.resample`);
+`cloak evaluate` uses scipy's polyphase one (`cloak.audio.to_rate`): GE2E scores agree to 1e-4, the verifier's
+differ by up to ~0.05 (measured on two clones), so compare figures within one tool, not across. Results are
+checkpointed per (setting, reference) into bench/results/operating_points.json; the markdown table goes to
+bench/results/operating_points.md.
 """
 
 from __future__ import annotations

@@ -166,17 +166,22 @@ class ProtectConfig:
     @classmethod
     def preset(cls, name: str, **changes: Any) -> ProtectConfig:
         """A named set of settings (PRESETS), with `changes` on top."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **changes})
+        return cls(**{**preset_values(name), **changes})
 
 
 # Named settings. "paper": the VoiceCloak paper's engine as published (its four terms and weights, plain l-inf PGD in
 # the epsilon box, no perceptual shaping, no L_voice).
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"shaping": "none", "losses": PAPER_LOSSES, "weights": (1.0, 4.5, 10.0, 0.85, 0.0)},
+    "paper": {"shaping": "none", "losses": PAPER_LOSSES, "weights": (*DEFAULT_WEIGHTS[:len(PAPER_LOSSES)], 0.0)},
 }
 
 
-__all__ = ["ProtectConfig", "ConfigError", "LOSS_NAMES", "PAPER_LOSSES", "DEFAULT_WEIGHTS", "PRESETS", "Gender",
-           "Shaping", "SHAPINGS"]
+def preset_values(name: str) -> dict[str, Any]:
+    """The ProtectConfig fields a preset sets; ConfigError naming the presets for an unknown name."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return dict(PRESETS[name])
+
+
+__all__ = ["ProtectConfig", "ConfigError", "LOSS_NAMES", "PAPER_LOSSES", "DEFAULT_WEIGHTS", "PRESETS",
+           "preset_values", "Gender", "Shaping", "SHAPINGS"]

@@ -42,12 +42,11 @@ from .losses import (
 )
 from .models.diffvc_decoder import ScoreInternals
 from .models.ge2e import volume_gain
-from .models.prior import SpeakerCondition
 from .perceptual import masking_threshold, project_spectral, shaped_step
 from .pitch import DEFAULT_LOG_F0
 
 # Changes whenever the same settings would give a different perturbation (caches of protected audio key on it).
-ENGINE_VERSION = "4: L_voice on the speaker-adaptive prior's mean"
+ENGINE_VERSION = "5: L_voice; the prior mean taken once per reference, shared by every term (rounding differs from 4)"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,14 +124,13 @@ class WindowAttack:
                 models.bank.classify_sex(self.emb_clean_ge2e(x16))
             self._identity_targets(gen)
             self._draw_pool(gen)
-            self.pool.logp_ref, self.pool.feat_clean = self._internals(self.reference(self.x, x16 * self.gain),
-                                                                       self.pool)
+            clean_ref = self.reference(self.x, x16 * self.gain)
+            self.pool.logp_ref, self.pool.feat_clean = self._internals(clean_ref, self.pool)
             self._noise_features(gen)
             if self.weights["voice"] > 0:
-                clean_ref = diffvc_mel(self.x), self.m.ge2e.embed(x16 * self.gain)
-                self.pool.voice_clean = voice_embeddings(models, clean_ref[0], clean_ref[1], self.pool,
-                                                         torch.zeros(self.pool.t.shape[0], dtype=torch.long,
-                                                                     device=self.dev), self.gain_t)
+                one = torch.zeros(self.pool.t.shape[0], dtype=torch.long, device=self.dev)
+                mean = prior_means(models, clean_ref[0], clean_ref[2], self.pool, one)
+                self.pool.voice_clean = voice_embeddings(models, mean, one, self.gain_t)
             # perceptual shaping (cloak.perceptual): per-bin bound on delta's STFT from this window's clean audio
             self.shaping_bound = masking_threshold(self.x[0], DIFFVC_RATE, cfg.masking_margin_db,
                                                    exponent=cfg.masking_exponent) \
@@ -274,15 +272,17 @@ def objective(attacks: list[WindowAttack], deltas: torch.Tensor,
     pool = _Pool.cat(pools)
     mel = diffvc_mel(x_adv)
     rep = torch.cat([torch.full((n,), j, device=dev, dtype=torch.long) for j, n in enumerate(counts)])
+    # with a speaker-adaptive prior, one prior mean per pool row serves L_voice and the U-Net terms
+    mean = prior_means(m, mel, c, pool, rep) if m.prior is not None else None
     if want["voice"]:
-        emb = voice_embeddings(m, mel, c, pool, rep, gains[:, 0])
+        emb = voice_embeddings(m, mean, rep, gains[:, 0])
         for j, a in enumerate(attacks):
             sl = slice(offsets[j], offsets[j + 1])
             out[j]["voice"] = voice_loss(emb[sl], pool.voice_clean[sl], a.voice_centroid)
     if want["ctx"] or want["score"] or want["sem"]:
         mask = torch.ones(mel.shape[0], 1, mel.shape[-1], device=dev)
         mean_ref = m.diffvc.average_voice(mel, mask)
-        score, internals = unet_score(m, (mel[rep], mean_ref[rep], c[rep]), pool)
+        score, internals = unet_score(m, (mel[rep], mean_ref[rep], c[rep]), pool, mean)
         ctx = summed_context(internals) if want["ctx"] else None
         for j in range(len(attacks)):
             sl = slice(offsets[j], offsets[j + 1])
@@ -297,17 +297,18 @@ def objective(attacks: list[WindowAttack], deltas: torch.Tensor,
     return out
 
 
-def unet_score(m: Models, ref: tuple[torch.Tensor, ...], pool: _Pool) -> tuple[torch.Tensor, ScoreInternals]:
+def unet_score(m: Models, ref: tuple[torch.Tensor, ...], pool: _Pool,
+               prior_mean: torch.Tensor | None = None) -> tuple[torch.Tensor, ScoreInternals]:
     """U-Net pass for pool draws with per-row references (mel, mean_ref, c), each of batch = len(pool).
-    With a speaker-adaptive prior the reference also sets the prior mean and with it x_t (inside the graph)."""
+    With a speaker-adaptive prior the reference also sets the prior mean and with it x_t (inside the graph);
+    `prior_mean` is that mean when the caller has it already (`prior_means`)."""
     mel, mean_ref, c = ref
     b = pool.t.shape[0]
     mask = torch.ones(b, 1, mel.shape[-1], device=mel.device)
     xt_ref = m.diffvc.diffused_reference(mel, mask, mean_ref, pool.t).unsqueeze(1)
     mean, x_t = pool.mean, pool.x_t
     if m.prior is not None:
-        spk = m.prior.condition(c, mel, mask)
-        mean = m.prior.convert_mean(pool.mean, pool.mask, pool.log_f0, pool.voiced, spk)
+        mean = prior_means(m, mel, c, pool, torch.arange(b, device=mel.device)) if prior_mean is None else prior_mean
         x_t = (m.diffvc.decoder.compute_diffused_mean(pool.src, pool.mask, mean, pool.t) + pool.noise) * pool.mask
     amp = m.amp_dtype
     with torch.autocast(mel.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -327,18 +328,27 @@ def voice_applicable(weights: dict[str, float], models: Models) -> dict[str, flo
     return weights | {"voice": 0.0}
 
 
-def voice_embeddings(m: Models, mel: torch.Tensor, c: torch.Tensor, pool: _Pool, rep: torch.Tensor,
-                     gains: torch.Tensor) -> torch.Tensor:
-    """GE2E embeddings (R, D) of the prior's means for the pool's surrogate sources, row r conditioned on
-    reference rep[r] (its log-mel (J, 80, T), d-vector (J, D), GE2E volume gain (J,)): what the clone will sound
-    like, heard without a vocoder (`ge2e_frames_from_diffvc_mel`). The gain puts the mean at GE2E's level."""
+def prior_means(m: Models, mel: torch.Tensor, c: torch.Tensor, pool: _Pool, rep: torch.Tensor) -> torch.Tensor:
+    """The speaker-adaptive prior's mean (R, 80, S) for each of the pool's R surrogate sources, row r conditioned
+    on reference rep[r] (log-mels (J, 80, T), d-vectors (J, D)); each reference's condition is taken once."""
     assert m.prior is not None
     mask = torch.ones(mel.shape[0], 1, mel.shape[-1], device=mel.device)
-    spk = m.prior.condition(c, mel, mask)
-    spk = SpeakerCondition(spk.cond[rep], spk.env_mean[rep], spk.env_std[rep], spk.f0_mean[rep], spk.f0_std[rep])
-    mean = m.prior.convert_mean(pool.mean, pool.mask, pool.log_f0, pool.voiced, spk)
+    spk = m.prior.condition(c, mel, mask).select(rep)
+    return m.prior.convert_mean(pool.mean, pool.mask, pool.log_f0, pool.voiced, spk)
+
+
+def voice_embeddings(m: Models, mean: torch.Tensor, rep: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+    """GE2E embeddings (R, D) of prior means (R, 80, S) (`prior_means`), row r of reference rep[r] whose GE2E
+    volume gain is gains[rep[r]]: what the clone will sound like, heard without a vocoder
+    (`ge2e_frames_from_diffvc_mel`). The gain puts the mean at GE2E's level."""
     log_mel = mean + torch.log(gains.to(mean.dtype))[rep][:, None, None]
     return m.ge2e.embed_frames(ge2e_frames_from_diffvc_mel(log_mel))
+
+
+def within_budget(x: torch.Tensor, d: torch.Tensor, eps: float) -> torch.Tensor:
+    """d clipped to the epsilon box, x + d kept within full scale, then the box again (a resampled x can
+    overshoot 1 by more than eps)."""
+    return ((x + d.clamp(-eps, eps)).clamp(-1.0, 1.0) - x).clamp(-eps, eps)
 
 
 def pgd_step(jobs: list[ProtectionJob]) -> None:
@@ -357,9 +367,7 @@ def pgd_step(jobs: list[ProtectionJob]) -> None:
                 d = job.delta + cfg.step_size * grad[j].sign()
             else:  # its analogue under the clean audio's masking threshold (cloak.perceptual), then the box
                 d = shaped_step(job.delta, grad[j], job.attack.shaping_bound, cfg.step_size / cfg.epsilon)
-            d = d.clamp(-cfg.epsilon, cfg.epsilon)
-            # keep x + d within full scale, then the box again (a resampled x can overshoot 1 by more than eps)
-            job.delta = ((x + d).clamp(-1.0, 1.0) - x).clamp(-cfg.epsilon, cfg.epsilon)
+            job.delta = within_budget(x, d, cfg.epsilon)
             job.after_step({k: v.detach() for k, v in losses[j].items()})  # tensors: no host sync per step
 
 
@@ -462,7 +470,7 @@ class ProtectionJob:
         d = ((torch.rand(x.shape[-1], generator=self.gen) * 2 - 1) * eps).to(x.device)
         if attack.shaping_bound is not None:
             d = project_spectral(d, attack.shaping_bound)
-        return ((x + d.clamp(-eps, eps)).clamp(-1.0, 1.0) - x).clamp(-eps, eps)
+        return within_budget(x, d, eps)
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs whose prepared windows have equal keys can share one U-Net batch. Call `prepare()` first: the key

@@ -14,7 +14,7 @@ from typing import Any, get_args
 
 import cloak
 from cloak import BundleError, ConfigError, ProtectConfig
-from cloak.config import PRESETS, SHAPINGS, Gender
+from cloak.config import PRESETS, SHAPINGS, Gender, preset_values
 
 from .common import ENV_MODELS, ENV_SERVER, ENV_TOKEN_FILE, UsageError
 
@@ -178,10 +178,9 @@ def resolve_settings(args: argparse.Namespace, environ: dict[str, str] | None = 
     sources: dict[str, str] = {}
     preset = getattr(args, "preset", None) or file_values.get("preset")
     if protect_fields and preset is not None:  # a named preset is the layer under the file and the flags
-        if preset not in PRESETS:
-            raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-        values.update(PRESETS[preset])
-        sources.update({k: f"preset {preset}" for k in PRESETS[preset]})
+        preset_fields = preset_values(preset)
+        values.update(preset_fields)
+        sources.update({k: f"preset {preset}" for k in preset_fields})
     if protect_fields:
         for f in fields(ProtectConfig):
             flag_value = getattr(args, f.name, None)

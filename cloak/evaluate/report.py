@@ -156,10 +156,11 @@ def build_report(ev: Evaluation, chosen: list[Speaker], all_speakers: list[Speak
     model_info = [i.to_dict() for i in ev.models.info]
     dnsmos_info = ev.dnsmos_info
     headline = _headline(conditions, imperceptibility, primary, thresholds.get(primary))
-    attacker = attacker_check(by_cond.get("clean", []), primary, n_boot, seed + 50)
     # per condition and encoder: share of clones closer to the target speaker than to their source (a cloak that
-    # works takes it from the clean references' rate down toward 0)
-    closer = {c: {e: attacker_check(by_cond[c], e, n_boot, seed + 70) for e in enc_names} for c in order}
+    # works takes it from the clean references' rate down toward 0); its clean row with the primary encoder is the
+    # attacker check
+    closer = {c: {e: attacker_check(by_cond[c], e, n_boot, seed + 50) for e in enc_names} for c in order}
+    attacker = closer["clean"][primary] if "clean" in closer else attacker_check([], primary, n_boot, seed + 50)
     reference_identity = summarize_reference_identity(protected, enc_names, thresholds, n_boot, seed + 60)
     report: dict[str, Any] = {
         "schema": SCHEMA,

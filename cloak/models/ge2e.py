@@ -54,6 +54,11 @@ def resemblyzer_weights() -> Path:
     raise FileNotFoundError("resemblyzer is installed but resemblyzer/pretrained.pt is missing from it")
 
 
+def _unit(raw: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (as resemblyzer does; a zero row stays zero)."""
+    return raw / torch.linalg.vector_norm(raw, dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def partial_slices(n_samples: int, frame_step: int = DIFFVC_FRAME_STEP,
                    min_coverage: float = MIN_COVERAGE) -> list[tuple[int, int]]:
     """(start, stop) mel-frame ranges of the 160-frame partials (resemblyzer's `compute_partial_slices`)."""
@@ -115,8 +120,14 @@ class GE2E(nn.Module):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, frames, 40) power mel -> (B, 256) unit-norm embeddings."""
         _, (hidden, _) = self.lstm(frames)
-        raw = self.relu(self.linear(hidden[-1]))
-        return raw / torch.linalg.vector_norm(raw, dim=1, keepdim=True).clamp_min(1e-12)
+        return _unit(self.relu(self.linear(hidden[-1])))
+
+    def partials(self, frames: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """(B, T, 40) power-mel frames -> (B, S, 256) embeddings of the 160-frame partials starting at `starts`."""
+        idx = starts[:, None] + torch.arange(PARTIAL_FRAMES, device=frames.device)[None, :]
+        parts = frames[:, idx]  # (B, S, 160, 40)
+        b, s = parts.shape[:2]
+        return self(parts.reshape(b * s, PARTIAL_FRAMES, -1)).reshape(b, s, -1)
 
     def partial_embeddings(self, wave_16k: torch.Tensor, frame_step: int = DIFFVC_FRAME_STEP) -> torch.Tensor:
         """(B, N) -> (B, n_partials, 256)."""
@@ -126,11 +137,7 @@ class GE2E(nn.Module):
         if stop >= wave.shape[-1]:
             wave = nn.functional.pad(wave, (0, stop - wave.shape[-1]))
         mel = ge2e_mel(wave)
-        starts = torch.tensor([s for s, _ in slices], device=mel.device)
-        idx = starts[:, None] + torch.arange(PARTIAL_FRAMES, device=mel.device)[None, :]
-        parts = mel[:, idx]  # (B, S, 160, 40)
-        b, s = parts.shape[:2]
-        return self(parts.reshape(b * s, PARTIAL_FRAMES, -1)).reshape(b, s, -1)
+        return self.partials(mel, torch.tensor([s for s, _ in slices], device=mel.device))
 
     def embed_frames(self, frames: torch.Tensor, frame_step: int = DIFFVC_FRAME_STEP) -> torch.Tensor:
         """(B, T, 40) power-mel frames -> (B, 256) utterance embeddings: the mean of the 160-frame partials every
@@ -141,16 +148,11 @@ class GE2E(nn.Module):
             frames = nn.functional.pad(frames, (0, 0, 0, PARTIAL_FRAMES - t))
             t = PARTIAL_FRAMES
         starts = torch.arange(0, t - PARTIAL_FRAMES + 1, frame_step, device=frames.device)
-        idx = starts[:, None] + torch.arange(PARTIAL_FRAMES, device=frames.device)[None, :]
-        parts = frames[:, idx]  # (B, S, 160, 40)
-        b, s = parts.shape[:2]
-        raw = self(parts.reshape(b * s, PARTIAL_FRAMES, -1)).reshape(b, s, -1).mean(1)
-        return raw / torch.linalg.vector_norm(raw, dim=1, keepdim=True).clamp_min(1e-12)
+        return _unit(self.partials(frames, starts).mean(1))
 
     def embed_utterance(self, wave_16k: torch.Tensor, frame_step: int = DIFFVC_FRAME_STEP) -> torch.Tensor:
         """Utterance d-vector as resemblyzer `embed_utterance(wav, rate=1.25)`: (B, N) at 16 kHz -> (B, 256)."""
-        raw = self.partial_embeddings(wave_16k, frame_step).mean(1)
-        return raw / torch.linalg.vector_norm(raw, dim=1, keepdim=True).clamp_min(1e-12)
+        return _unit(self.partial_embeddings(wave_16k, frame_step).mean(1))
 
     def embed(self, wave_16k: torch.Tensor) -> torch.Tensor:
         """The SpeakerEncoder interface: differentiable (B, N) -> (B, 256)."""

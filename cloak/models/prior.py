@@ -145,6 +145,11 @@ class SpeakerCondition:
     f0_mean: torch.Tensor  # (B,) log-Hz
     f0_std: torch.Tensor  # (B,) log-Hz
 
+    def select(self, idx: torch.Tensor) -> SpeakerCondition:
+        """The conditions of rows `idx` (e.g. one reference's condition repeated for several sources)."""
+        return SpeakerCondition(self.cond[idx], self.env_mean[idx], self.env_std[idx], self.f0_mean[idx],
+                                self.f0_std[idx])
+
 
 class SpeakerPrior(nn.Module):
     """mean_avg (B, 80, T) + source contour + reference condition -> a prior mean in the reference's voice."""
