@@ -170,7 +170,7 @@ def test_bf16_autocast_matches_fp32_within_tolerance(tiny_models):
     much as the fp32 run's own (stated tolerance of the fast path; README / bench/RESULTS.md)."""
     from dataclasses import replace
 
-    from cloak.protect import WindowAttack, objective
+    from cloak.attack import WindowAttack, objective
 
     x, sr = corpus_clip("vctk_p226", 0, seconds=1.5)
     cfg = ProtectConfig(**{**FAST, "iterations": 4}, epsilon=0.01, step_size=1e-3, seed=5)

@@ -9,10 +9,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..attack import voice_applicable
 from ..bundle import Models
 from ..corpus import Speaker
 from ..files import finite_json, write_json, write_text_atomic
-from ..protect import voice_applicable
 from . import metrics as M
 from .protocol import NOT_CONFIGURED, QUALITY_SENSITIVITY, QUALITY_WHY, EvalSettings, primary_encoder, versions
 from .transforms import Transform
