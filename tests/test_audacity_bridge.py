@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,11 +14,13 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the fake Audaci
 
 from audacity_harness import FakeProject, FakeServer, FTrack  # noqa: E402
 
+from clients import cli  # noqa: E402
 from clients.audacity.bridge import Bridge, BridgeError, SelectionError, fit_to_budget  # noqa: E402
 from clients.audacity.cli import register_audacity, run_audacity  # noqa: E402
 from clients.audacity.macro import DONE, FAILED  # noqa: E402
 from clients.audacity.pipe import PipeClient  # noqa: E402
 from clients.audacity.watch import Watcher  # noqa: E402
+from cloak import ConfigError  # noqa: E402
 
 EPS = 0.002
 RATE = 44100
@@ -312,10 +315,17 @@ def test_server_mode_uses_the_remote_client(env, capsys, monkeypatch):
         def __init__(self, target, token=None, tls_ca=None):
             seen.update(target=target, token=token)
 
-        def protect(self, audio, rate, config, progress=None, cancel=None):
-            seen.update(epsilon=config.epsilon, iterations=config.iterations)
+        def info(self):  # make_protector asks at once: an unreachable server fails before any job
             if seen["target"] == "down:1":
                 raise remote.ServerUnavailable("UNAVAILABLE", "no server reachable")
+            return SimpleNamespace(version="test", device="cpu", models=[])
+
+        def protect(self, audio, rate, config, progress=None, cancel=None):
+            seen.update(epsilon=config.epsilon, iterations=config.iterations)
+            if seen["target"] == "flaky:1":
+                raise remote.ServerUnavailable("UNAVAILABLE", "connection reset")
+            if seen["target"] == "broken:1":
+                raise remote.RemoteError("INTERNAL", "out of memory")
             return remote.RemoteResult(nudge(audio, rate), rate)
 
     monkeypatch.setattr(remote, "RemoteProtector", FakeRemote)
@@ -333,9 +343,52 @@ def test_server_mode_uses_the_remote_client(env, capsys, monkeypatch):
     assert seen == {"target": "gpu:50051", "token": "s3cret", "epsilon": 0.001, "iterations": 3}
     (s, a), = env.project.tracks[-1].clips
     assert np.abs(a - env.project.tracks[0].render(s, s + len(a))).max() <= 0.001 + 1e-9  # the server's epsilon
-    argv[4] = "down:1"
-    assert run_audacity(parser.parse_args(argv)) == 5
-    assert "unavailable" in capsys.readouterr().err
+    for target, code, says in (("down:1", 5, "server down:1 unavailable: UNAVAILABLE: no server reachable"),
+                               ("flaky:1", 5, "server flaky:1 unavailable: UNAVAILABLE: connection reset"),
+                               ("broken:1", 1, "server broken:1: INTERNAL: out of memory")):
+        argv[4] = target
+        assert run_audacity(parser.parse_args(argv)) == code
+        assert says in capsys.readouterr().err
+    assert [t.name for t in env.project.tracks] == ["take", "take (cloaked)"]  # the project was left as it was
+    (env.tmp / "empty").write_text("\n")
+    for extra, needle in ((["--token-file", str(env.tmp / "nope")], "token file not found"),
+                          (["--token-file", str(env.tmp / "empty")], "is empty")):
+        with pytest.raises((cli.UsageError, ConfigError), match=needle):
+            run_audacity(parser.parse_args([*argv, *extra]))
+    argv = [a for a in argv if a not in ("--server", "gpu:50051", "broken:1")]
+    with pytest.raises(cli.UsageError, match="--server"):  # a token without a server is a mistake, not local mode
+        run_audacity(parser.parse_args(argv))
+
+
+def test_local_mode_protects_through_make_protector(env, capsys, monkeypatch):
+    """Without --server the bridge cloaks with clients.cli.make_protector's local protector (the models the settings
+    name, the settings' config), the same way `cloak protect` does."""
+    import clients.audacity.cli as acli
+    import cloak
+    from clients.cli import protector as cli_protector
+
+    seen = {}
+
+    def load(settings):
+        seen["models"] = settings.models
+        return SimpleNamespace(wavlm=None, info=[])
+
+    def protect(audio, rate, models, config, progress=None, cancel=None):
+        seen.update(epsilon=config.epsilon, cancel=cancel is not None)
+        return cloak.ProtectResult(nudge(audio, rate), rate, {})
+
+    monkeypatch.setattr(cli_protector, "load_models_for", load)
+    monkeypatch.setattr(cloak, "protect", protect)
+    monkeypatch.setattr(acli, "PipeClient",
+                        lambda timeout: PipeClient(env.server.to_path, env.server.from_path, timeout=timeout))
+    env.project.add_wave("take", signal(3.0, 1))
+    env.select(1.0, 2.0, 0)
+    parser = argparse.ArgumentParser()
+    register_audacity(parser.add_subparsers(dest="command"))
+    argv = ["audacity", "cloak-selection", "--models", str(env.tmp), "--epsilon", "0.001", "--device", "cpu"]
+    assert run_audacity(parser.parse_args(argv)) == 0
+    assert seen == {"models": str(env.tmp), "epsilon": 0.001, "cancel": True}
+    assert f"cloak audacity: loading models ({env.tmp}) on cpu" in capsys.readouterr().err
     assert [t.name for t in env.project.tracks] == ["take", "take (cloaked)"]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import threading
 from typing import Any
@@ -84,11 +83,7 @@ def _add_processing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
     base.add_common_model_args(p)
     base.add_config_flags(p)
-    remote = p.add_argument_group("remote mode")
-    remote.add_argument("--server", metavar="TARGET",
-                        help=f"cloak on a VoiceCloak server instead of locally (env {base.ENV_SERVER})")
-    remote.add_argument("--token-file", metavar="FILE", help=f"bearer token file (env {base.ENV_TOKEN_FILE})")
-    remote.add_argument("--tls-ca", metavar="FILE", help="CA certificate to verify the server with")
+    base.add_remote_args(p)
 
 
 def register_audacity(subparsers: Any) -> argparse.ArgumentParser:
@@ -153,48 +148,37 @@ def _progress_printer(quiet: bool) -> Any:
     return progress
 
 
-def _local_processor(args: argparse.Namespace, settings: Any, token: Any) -> Processor:
-    import cloak
+def _processor(args: argparse.Namespace, settings: Any, token: Any) -> Processor:
+    """Cloak with clients.cli.make_protector's protector: the models named by the settings, loaded here, or a
+    VoiceCloak server (--server / CLOAK_SERVER), asked for its info at once so that an unreachable one fails
+    before any job. A server's failures become RemoteError (exit 5 when unavailable, else 1)."""
+    from clients import remote
 
     base = _base()
-    if not args.quiet:
-        print(f"cloak audacity: loading models ({settings.models or 'embedded'}) on {settings.device}",
-              file=sys.stderr, flush=True)
-    models = base.load_models_for(settings)
-    cfg = settings.config
-    progress = _progress_printer(args.quiet)
+    target = base.resolve_remote_target(args)  # UsageError: --token-file / --tls-ca without --server, missing file
 
-    def process(audio: Any, rate: int) -> Any:
-        return cloak.protect(audio, rate, models, cfg, progress=progress, cancel=token).audio
+    def say(msg: str) -> None:
+        if not args.quiet:
+            print(f"cloak audacity: {msg.removeprefix('cloak: ')}", file=sys.stderr, flush=True)
 
-    return process
+    def server_error(e: Exception) -> RemoteError:
+        assert target is not None
+        if isinstance(e, remote.ServerUnavailable):
+            return RemoteError(f"server {target.server} unavailable: {e}", base.EXIT_SERVER)
+        return RemoteError(f"server {target.server}: {e}", base.EXIT_INTERNAL)
 
-
-def _remote_processor(args: argparse.Namespace, target: str, settings: Any, token: Any) -> Processor:
-    """Cloak on a VoiceCloak server through clients.remote.RemoteProtector."""
-    base = _base()
     try:
-        from clients import remote
-    except ImportError as e:
-        raise base.UsageError(f"--server {target}: the remote client is not available in this install ({e})") from e
-    token_file = args.token_file or os.environ.get(base.ENV_TOKEN_FILE)
-    bearer = remote.read_token(token_file) if token_file else None  # ConfigError (exit 2) when unreadable/empty
-    try:
-        protector = remote.RemoteProtector(target, token=bearer, tls_ca=args.tls_ca)
-    except ImportError as e:
-        raise base.UsageError(f"--server needs grpcio: pip install 'voicecloak[server]' ({e})") from e
-    except OSError as e:
-        raise base.UsageError(f"--tls-ca {args.tls_ca}: {e}") from e
+        protector = base.make_protector(settings, target, say=say)
+    except remote.RemoteError as e:
+        raise server_error(e) from e
     cfg = settings.config
     progress = _progress_printer(args.quiet)
 
     def process(audio: Any, rate: int) -> Any:
         try:
             return protector.protect(audio, rate, cfg, progress=progress, cancel=token).audio
-        except remote.ServerUnavailable as e:
-            raise RemoteError(f"server {target} unavailable: {e}", base.EXIT_SERVER) from e
         except remote.RemoteError as e:
-            raise RemoteError(f"server {target}: {e}", base.EXIT_INTERNAL) from e
+            raise server_error(e) from e
 
     return process
 
@@ -278,10 +262,7 @@ def _make_processor(args: argparse.Namespace, token: Any) -> tuple[Processor, fl
         import torch
 
         torch.set_num_threads(args.threads)
-    target = args.server or os.environ.get(base.ENV_SERVER)
-    if target:
-        return _remote_processor(args, target, settings, token), settings.config.epsilon
-    return _local_processor(args, settings, token), settings.config.epsilon
+    return _processor(args, settings, token), settings.config.epsilon
 
 
 def run_audacity(args: argparse.Namespace, processor: Processor | None = None, epsilon: float | None = None,

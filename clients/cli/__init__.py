@@ -92,7 +92,14 @@ from .jobs import (
 from .models_cmd import MODELS_EPILOG, list_models, register_models, run_models, verify_models
 from .progress import Reporter, cancel_on_sigint
 from .protect_cmd import PROTECT_EPILOG, SAMPLE_OUTPUT, check_inputs, register_protect, run_protect
-from .protector import LocalProtector, Protector, ServerProtector, make_protector, remote_protector
+from .protector import (
+    LocalProtector,
+    Protector,
+    ServerProtector,
+    add_remote_args,
+    make_protector,
+    remote_protector,
+)
 from .sample_cmd import register_sample, run_sample
 from .serve_cmd import register_serve, run_serve, serve_available
 from .settings import (
@@ -118,7 +125,8 @@ __all__ = [
     "EXIT_USAGE", "INFO_EPILOG", "LOSSLESS_FORMATS", "LOSSY_FORMATS", "MAIN_EPILOG", "MODELS_EPILOG",
     "PROTECT_EPILOG", "SAMPLE_OUTPUT", "SUBCOMMANDS", "CancelToken", "CloakArgumentParser", "HelpFormatter", "Job",
     "LocalProtector", "Protector", "RemoteTarget", "Reporter", "ServerProtector", "Settings", "Subcommand",
-    "UsageError", "add_common_model_args", "add_config_flags", "build_parser", "cancel_on_sigint", "check_inputs",
+    "UsageError", "add_common_model_args", "add_config_flags", "add_remote_args", "build_parser", "cancel_on_sigint",
+    "check_inputs",
     "choose_format", "clone_available", "coerce_field", "collect_info", "config_file_in_use", "debug_enabled",
     "default_config_path", "expand_inputs", "json_line", "list_models", "load_config_file", "load_models_for",
     "main", "make_protector", "plan_jobs", "preflight", "print_error", "register_clone", "register_info",

@@ -19,8 +19,6 @@ from cloak.sample import sample_path
 from ..remote import ServerUnavailable
 from .common import (
     ENV_MODELS,
-    ENV_SERVER,
-    ENV_TOKEN_FILE,
     EXIT_AUDIO,
     EXIT_BUNDLE,
     EXIT_CANCELLED,
@@ -36,7 +34,7 @@ from .common import (
 )
 from .jobs import AUDIO_EXTENSIONS, Job, expand_inputs, plan_jobs, preflight
 from .progress import Reporter, cancel_on_sigint
-from .protector import Protector, make_protector
+from .protector import Protector, add_remote_args, make_protector
 from .settings import Settings, add_common_model_args, add_config_flags, resolve_remote_target, resolve_settings
 
 _WIDE_SUBTYPES = frozenset({"PCM_32", "DOUBLE"})  # samples float32 cannot hold: budget and copies use float64
@@ -107,12 +105,7 @@ def register_protect(subparsers: Any) -> argparse.ArgumentParser:
                         "on 2 cores, 2 threads were 1.6x faster than 1 when idle and 8-10x slower when another "
                         "process kept one core busy: pass --threads 1 on a busy machine)")
     add_config_flags(p)
-    remote = p.add_argument_group("remote mode (protect on a `cloak serve` server; models/device flags are ignored)")
-    remote.add_argument("--server", metavar="TARGET",
-                        help=f"protect on a VoiceCloak server: HOST:PORT, dns:///NAME:PORT or ipv4:A:P,B:P "
-                             f"(round-robin over healthy servers) (env {ENV_SERVER})")
-    remote.add_argument("--token-file", metavar="FILE", help=f"bearer token for the server (env {ENV_TOKEN_FILE})")
-    remote.add_argument("--tls-ca", metavar="FILE", help="CA certificate to verify the server with (enables TLS)")
+    add_remote_args(p)
     return p
 
 

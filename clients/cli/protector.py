@@ -1,5 +1,6 @@
 """One way to get a protector: `make_protector` picks local protection (the models loaded here) or a VoiceCloak
-server (remote mode: --server / CLOAK_SERVER) and returns an object with the same `protect` call for both.
+server (remote mode: --server / CLOAK_SERVER, flags from `add_remote_args`) and returns an object with the same
+`protect` call for both. `cloak protect`, `cloak audacity` and `cloak evaluate` (local only) get theirs here.
 
     protector = make_protector(settings, resolve_remote_target(args), say=print)
     result = protector.protect(samples, sample_rate, settings.config, progress=..., cancel=token)
@@ -8,16 +9,17 @@ server (remote mode: --server / CLOAK_SERVER) and returns an object with the sam
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import numpy as np
 
 import cloak
 from cloak import BundleError, CancelToken, Progress, ProtectConfig
 
-from .common import UsageError
+from .common import ENV_SERVER, ENV_TOKEN_FILE, UsageError
 from .settings import RemoteTarget, Settings, load_models_for
 
 ProgressFn = Callable[[Progress], None]
@@ -70,14 +72,44 @@ class ServerProtector:
         return result
 
 
+def add_remote_args(p: argparse.ArgumentParser) -> None:
+    """--server, --token-file, --tls-ca: the flags resolve_remote_target reads (remote mode)."""
+    remote = p.add_argument_group("remote mode (cloak on a `cloak serve` server; models/device flags are ignored)")
+    remote.add_argument("--server", metavar="TARGET",
+                        help=f"cloak on a VoiceCloak server: HOST:PORT, dns:///NAME:PORT or ipv4:A:P,B:P "
+                             f"(round-robin over healthy servers) (env {ENV_SERVER})")
+    remote.add_argument("--token-file", metavar="FILE", help=f"bearer token for the server (env {ENV_TOKEN_FILE})")
+    remote.add_argument("--tls-ca", metavar="FILE", help="CA certificate to verify the server with (enables TLS)")
+
+
 def remote_protector(target: RemoteTarget) -> Any:
-    """A clients.remote.RemoteProtector for the target; UsageError (exit 2) when the remote client is missing."""
+    """A clients.remote.RemoteProtector for the target. UsageError (exit 2) when the remote client (grpcio, the
+    server extra) is missing or the token / --tls-ca file cannot be read; ConfigError (exit 2) for an empty
+    token file."""
+    hint = "remote mode needs the server extra (pip install 'voicecloak[server]')"
     try:
         from ..remote import RemoteProtector, read_token
-    except ImportError as e:  # grpcio missing
-        raise UsageError(f"remote mode needs the server extra (pip install 'voicecloak[server]'): {e}") from e
-    token = read_token(target.token_file) if target.token_file else None
-    return RemoteProtector(target.server, token=token, tls_ca=target.tls_ca)
+    except ImportError as e:
+        raise UsageError(f"{hint}: {e}") from e
+    try:
+        token = read_token(target.token_file) if target.token_file else None
+    except OSError as e:
+        raise UsageError(f"token file {target.token_file}: {e}") from e
+    try:
+        return RemoteProtector(target.server, token=token, tls_ca=target.tls_ca)
+    except ImportError as e:  # grpcio is imported when the client is made
+        raise UsageError(f"{hint}: {e}") from e
+    except OSError as e:
+        raise UsageError(f"--tls-ca {target.tls_ca}: {e}") from e
+
+
+@overload
+def make_protector(settings: Settings, remote: None, say: Callable[[str], None] | None = None) -> LocalProtector: ...
+
+
+@overload
+def make_protector(settings: Settings, remote: RemoteTarget | None,
+                   say: Callable[[str], None] | None = None) -> Protector: ...
 
 
 def make_protector(settings: Settings, remote: RemoteTarget | None,
