@@ -22,6 +22,7 @@ from clients.cli import (
     add_common_model_args,
     cancel_on_sigint,
     load_models_for,
+    make_protector,
     resolve_settings,
 )
 from cloak import BundleError
@@ -194,15 +195,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     token = CancelToken()
     with cancel_on_sigint(token):
-        if not args.quiet:
-            print(f"cloak: loading models ({settings.models or 'embedded'}) on {settings.device}", file=sys.stderr,
-                  flush=True)
-        models = load_models_for(settings)
+        # local protection only: the run scores white-box with the cloak's own models and keys its cache by their
+        # checksums, so the protector is always make_protector's local one (no --server)
+        protector = make_protector(settings, None, say=None if args.quiet else _say)
         attacker = None if attacker_dir is None else \
             load_models_for(dataclasses.replace(settings, models=str(attacker_dir)))
         try:
-            report = evaluate(ev_settings, models, cancel=token, progress=not args.quiet,
-                              log=(lambda m: None) if args.quiet else None, attacker=attacker)
+            report = evaluate(ev_settings, protector.models, cancel=token, progress=not args.quiet,
+                              log=(lambda m: None) if args.quiet else None, attacker=attacker,
+                              protect=protector.protect)
         except (ValueError, FileNotFoundError) as e:
             if isinstance(e, BundleError):
                 raise
@@ -214,6 +215,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         print(summary_lines(report, out))
     return EXIT_OK
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def summary_lines(report: dict[str, Any], out: Path) -> str:

@@ -203,11 +203,25 @@ def test_cli_usage_errors(evaluate_main, tmp_path, two_speakers, capsys):
 
 
 def test_quick_run_report_schema_plots_and_resume(evaluate_main, tmp_path, two_speakers, capsys, monkeypatch):
+    import clients.evaluate_cmd
+    from clients.cli import make_protector
+
+    made, protected = [], []
+
+    def spy(settings, remote, say=None):  # the run protects through make_protector's local protector
+        made.append(remote)
+        protector = make_protector(settings, remote, say)
+        real = protector.protect
+        protector.protect = lambda *a, **k: protected.append(a[1]) or real(*a, **k)
+        return protector
+
+    monkeypatch.setattr(clients.evaluate_cmd, "make_protector", spy)
     bundle = make_bundle(tmp_path / "bundle", tame=True)
     out = tmp_path / "report"
     argv = ["evaluate", "--speakers", str(two_speakers), "--models", str(bundle), "--out", str(out), "--quick",
             "--transforms", "mp3_32,resample_16k", "--max-seconds", "1.5", "--threads", "1", "-q", "--json"]
     assert evaluate_main(argv) == 0
+    assert made == [None] and len(protected) == 2  # one protector, one protection per planned utterance
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["report"] == str(out / "report.json")
     r = json.loads((out / "report.json").read_text())

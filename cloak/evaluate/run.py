@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -68,6 +68,34 @@ from .transforms import get_transforms
 
 CACHE_VERSION = 2
 CLONE_RATE = 22_050
+
+
+class Protected(Protocol):
+    """What protecting one utterance gives (cloak.ProtectResult, or what a caller's protector returns)."""
+
+    audio: np.ndarray
+    metrics: dict[str, Any]
+
+
+class ProtectFn(Protocol):
+    """How the run protects one utterance. `cloak evaluate` passes the `protect` of the protector it gets from
+    clients.cli.make_protector (the one way to a protector); it must protect with the run's `models`, whose
+    checksums key the cache of protected audio. Default: cloak.protect on those models."""
+
+    def __call__(self, audio: np.ndarray, sample_rate: int, config: ProtectConfig, *,
+                 cancel: CancelToken | None = None) -> Protected: ...
+
+
+def engine_protect(models: Models) -> ProtectFn:
+    """cloak.protect on `models` (looked up at each call, so that tests can replace the engine)."""
+
+    def protect(audio: np.ndarray, sample_rate: int, config: ProtectConfig, *,
+                cancel: CancelToken | None = None) -> Protected:
+        import cloak
+
+        return cloak.protect(audio, sample_rate, models, config, cancel=cancel)
+
+    return protect
 
 
 def _digest(obj: Any, n: int = 12) -> str:
@@ -126,9 +154,10 @@ def build_encoders(models: Models, cfg: ProtectConfig) -> tuple[list[M.SpeakerEn
 class Evaluation:
     def __init__(self, settings: EvalSettings, models: Models, cancel: CancelToken | None = None,
                  log: Callable[[str], None] | None = None, progress: bool = True,
-                 attacker: Models | None = None) -> None:
+                 attacker: Models | None = None, protect: ProtectFn | None = None) -> None:
         self.s = settings
         self.models = models  # what the cloak differentiates through
+        self.protect = protect if protect is not None else engine_protect(models)
         # what clones (transfer: a DiffVC the cloak never saw; default: the same one, white-box)
         self.attacker = attacker if attacker is not None else models
         self.transfer = attacker is not None
@@ -221,8 +250,6 @@ class Evaluation:
 
     def protect_item(self, utt: Utterance) -> tuple[dict[str, Any], np.ndarray, np.ndarray, int]:
         """(record, clean reference, protected reference, rate), cached."""
-        import cloak
-
         root = self.s.cache / f"cloak-{self.cloak_fp}" / utt.key
         rec_path, wav_path = root / "protected.json", root / "protected.wav"
         x, sr = self._load(utt.path, self.s.max_seconds)
@@ -236,7 +263,7 @@ class Evaluation:
         if cfg.gender == "auto" and utt.speaker.sex in ("M", "F"):
             cfg = cfg.with_(gender="male" if utt.speaker.sex == "M" else "female")
         t0 = time.perf_counter()
-        result = cloak.protect(x, sr, self.models, cfg, cancel=self.cancel)
+        result = self.protect(x, sr, cfg, cancel=self.cancel)
         seconds = time.perf_counter() - t0
         self._check_cancel()
         y = result.audio.astype(np.float32)
@@ -435,9 +462,10 @@ def summarize_plain(values: list[float]) -> dict[str, Any]:
 
 def evaluate(settings: EvalSettings, models: Models, cancel: CancelToken | None = None,
              log: Callable[[str], None] | None = None, progress: bool = True,
-             attacker: Models | None = None) -> dict[str, Any]:
+             attacker: Models | None = None, protect: ProtectFn | None = None) -> dict[str, Any]:
     """Run the evaluation protocol and write OUT/report.json, OUT/report.md and the PNG plots; returns the report.
     `attacker`: the DiffVC that clones, when it is not the one the cloak is computed on (transfer).
+    `protect`: how utterances are protected, with `models` (see ProtectFn; default cloak.protect).
     Raises ValueError for an unusable speaker directory, BundleError for model problems, Cancelled."""
     if settings.steps < 1 or settings.utterances < 1 or settings.sources < 1:
         raise ValueError("steps, utterances and sources must be >= 1")
@@ -446,8 +474,9 @@ def evaluate(settings: EvalSettings, models: Models, cancel: CancelToken | None 
     except FileNotFoundError as e:
         raise BundleError(str(e)) from e
     (attacker or models).vocoder()  # fail early (BundleError) when the attacker's vocoder is missing
-    return Evaluation(settings, models, cancel, log, progress, attacker).run()
+    return Evaluation(settings, models, cancel, log, progress, attacker, protect).run()
 
 
-__all__ = ["EvalSettings", "Evaluation", "evaluate", "select_speakers", "pick_sources", "pick_utterances", "QUICK",
-           "QUICK_PROTECT", "versions", "calibrate", "DEFAULT_QUALITY_THRESHOLD", "ECAPA_THRESHOLD", "QUALITY_WHY"]
+__all__ = ["EvalSettings", "Evaluation", "ProtectFn", "Protected", "engine_protect", "evaluate", "select_speakers",
+           "pick_sources", "pick_utterances", "QUICK", "QUICK_PROTECT", "versions", "calibrate",
+           "DEFAULT_QUALITY_THRESHOLD", "ECAPA_THRESHOLD", "QUALITY_WHY"]
