@@ -21,6 +21,8 @@ Stages (deterministic given the seed; `all` runs them in order and each skips wh
             validation speakers alone) and writes the versioned checkpoint plus CACHE/eval.json.
 
     python -m cloak.train.verifier --cache /work/runs/verifier --out cloak/data/verifier.pt
+
+The augmentations are cloak.train.mel_augment's, the AAM head cloak.train.aam's.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from ..evaluate.metrics import compute_eer, enrollment
 from ..features import resample
 from ..files import replace_atomically, write_json
 from ..models.verifier import SpeakerVerifier, VerifierConfig, checkpoint
+from .aam import AAMSoftmax
+from .mel_augment import augment, mel_bin_of
 
 log = logging.getLogger("cloak.train.verifier")
 
@@ -153,73 +157,7 @@ def prepare(train_dir: Path, cache: Path, st: VerifierSettings) -> Path:
     return out
 
 
-# -------------------------------------------------------------------------------------------- augmentation
-
-
-def _db_to_power(db: torch.Tensor) -> torch.Tensor:
-    return torch.pow(10.0, db / 10.0)
-
-
-def room(db: torch.Tensor, rt60_s: float, drr_db: float, hf_decay: float = 2.0, max_s: float = 1.0) -> torch.Tensor:
-    """(F, T) dB mel power through late reverberation: per bin, power convolved causally with an exponential
-    decay of the bin's RT60 (the top bin decays hf_decay x faster), the tail `drr_db` below the direct sound."""
-    n_bins, n_frames = db.shape
-    k = max(2, int(max_s / HOP_S))
-    t = torch.arange(1, k + 1, dtype=torch.float32) * HOP_S
-    rt = rt60_s / torch.linspace(1.0, hf_decay, n_bins)
-    decay = torch.exp(-13.8 * t[None, :] / rt[:, None])
-    decay = decay / decay.sum(-1, keepdim=True) * 10 ** (-drr_db / 10)
-    power = _db_to_power(db)
-    padded = F.pad(power[None], (k, 0))
-    tail = F.conv1d(padded, decay.flip(-1)[:, None, :], groups=n_bins)[0, :, :n_frames]
-    return 10.0 * torch.log10(power + tail)
-
-
-def noise_floor(db: torch.Tensor, snr_db: float, tilt_db: float) -> torch.Tensor:
-    """(F, T) dB mel power plus stationary noise `snr_db` below the crop's mean power, tilted by `tilt_db` from
-    the lowest to the highest bin."""
-    power = _db_to_power(db)
-    n_bins = db.shape[0]
-    shape = 10 ** (torch.linspace(0.0, tilt_db, n_bins) / 10)
-    noise = shape / shape.mean() * power.mean() * 10 ** (-snr_db / 10)
-    return 10.0 * torch.log10(power + noise[:, None])
-
-
-def lowpass(db: torch.Tensor, cutoff_bin: int, floor_db: float = 60.0) -> torch.Tensor:
-    """Bins from `cutoff_bin` up pushed `floor_db` below the crop's peak (what a band-limited codec leaves)."""
-    out = db.clone()
-    out[cutoff_bin:] = torch.minimum(out[cutoff_bin:], db.max() - floor_db)
-    return out
-
-
-def augment(db: torch.Tensor, st: VerifierSettings, g: torch.Generator, cutoff_bins: tuple[int, int]) -> torch.Tensor:
-    """One (T, F) dB crop, augmented with draws from `g` (always the same number of draws: reproducible)."""
-    u = torch.rand(16, generator=g).tolist()
-    x = db.T.float()
-    if u[0] < st.p_room:
-        x = room(x, 0.2 + 0.7 * u[1], 15.0 * u[2])
-    if u[3] < st.p_noise:
-        x = noise_floor(x, 5.0 + 25.0 * u[4], -12.0 + 18.0 * u[5])
-    if u[6] < st.p_lowpass:
-        x = lowpass(x, cutoff_bins[0] + int(u[7] * (cutoff_bins[1] - cutoff_bins[0])))
-    x = x.T.contiguous()  # (T, F)
-    fill = x.mean()
-    if u[8] < st.p_freq_mask:
-        w = 1 + int(u[9] * 8)
-        a = int(u[10] * (x.shape[1] - w))
-        x[:, a:a + w] = fill
-    if u[11] < st.p_time_mask:
-        w = 1 + int(u[12] * 20)
-        a = int(u[13] * (x.shape[0] - w))
-        x[a:a + w] = fill
-    return x
-
-
-def mel_bin_of(hz: float, n_mels: int, rate: int = RATE) -> int:
-    """Index of the first speechbrain-mel filter centred at or above `hz` (2595 log10(1 + f/700) scale)."""
-    to_mel = lambda f: 2595 * math.log10(1 + f / 700)  # noqa: E731
-    centres = np.linspace(0.0, to_mel(rate / 2), n_mels + 2)[1:-1]
-    return int(np.searchsorted(centres, to_mel(hz)))
+# ------------------------------------------------------------------------ batches (cloak.train.mel_augment)
 
 
 class Batches:
@@ -231,7 +169,7 @@ class Batches:
         for it in items:
             self.by_label.setdefault(int(it["label"]), []).append(it)
         self.labels = sorted(self.by_label)
-        self.cutoffs = (mel_bin_of(3400.0, st.n_mels), mel_bin_of(7000.0, st.n_mels))
+        self.cutoffs = (mel_bin_of(3400.0, st.n_mels, RATE), mel_bin_of(7000.0, st.n_mels, RATE))
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         st = self.st
@@ -248,31 +186,12 @@ class Batches:
             if x.shape[0] < length:  # tile a short utterance
                 x = x.repeat(math.ceil(length / x.shape[0]), 1)
             start = int(torch.randint(0, x.shape[0] - length + 1, (1,), generator=g))
-            feats.append(augment(x[start:start + length], st, g, self.cutoffs))
+            feats.append(augment(x[start:start + length], st, g, self.cutoffs, HOP_S))
             labels.append(label)
         return torch.stack(feats), torch.tensor(labels)
 
 
 # ------------------------------------------------------------------------------------------------- training
-
-
-class AAMSoftmax(torch.nn.Module):
-    """Additive angular margin softmax (ArcFace): logits s * cos(theta + m) for the true class, s * cos(theta)
-    for the others."""
-
-    def __init__(self, dim: int, n_classes: int) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(n_classes, dim))
-        torch.nn.init.xavier_normal_(self.weight)
-
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor, scale: float, margin: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = F.linear(F.normalize(emb.float()), F.normalize(self.weight)).clamp(-1 + 1e-7, 1 - 1e-7)
-        target = torch.cos(torch.acos(cos.gather(1, labels[:, None])) + margin)
-        logits = scale * cos.scatter(1, labels[:, None], target)
-        loss = F.cross_entropy(logits, labels)
-        acc = (cos.argmax(1) == labels).float().mean()
-        return loss, acc
 
 
 def lr_at(step: int, st: VerifierSettings) -> float:
