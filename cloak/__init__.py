@@ -1,6 +1,7 @@
 """VoiceCloak: protect voice recordings from diffusion voice cloning (VoiceCloak, arXiv 2505.12332)."""
 
-from .audio import AudioError, read_audio, write_audio
+from .audio import read_audio, write_audio
+from .audio_checks import AudioError
 from .bundle import BundleError, Models, load_models
 from .config import ConfigError, ProtectConfig
 from .jobs import Cancelled, CancelToken, Progress, ProtectResult

@@ -6,6 +6,9 @@ whose message names the file (or array) and the problem.
 
 Conventions: samples are float32 in full scale [-1, 1], shaped ``(frames,)`` for mono and
 ``(frames, channels)`` for multichannel audio (soundfile's layout, frames first).
+
+AudioError and the checks shared by reading, validation and writing are in cloak.audio_checks; containers,
+subtypes and the encoding of samples for them in cloak.audio_formats.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from .audio_checks import AudioError, as_float32, check_finite, check_length, check_limits
+from .audio_formats import DECODED_AS, FLOAT_SUBTYPES, INTEGER_PCM_BITS, PCM_BITS, encode_samples, resolve_format
 from .files import replace_atomically
 
 __all__ = [
@@ -28,7 +33,6 @@ __all__ = [
     "MAX_SAMPLE_RATE",
     "MIN_SAMPLE_RATE",
     "Audio",
-    "AudioError",
     "fit_to_budget",
     "output_subtype",
     "passthrough_reason",
@@ -45,49 +49,6 @@ PathLike = str | os.PathLike[str]
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 192_000
 MAX_CHANNELS = 8
-
-# Container inferred from the file extension; anything else is written as WAV.
-_EXTENSION_FORMATS: dict[str, str] = {
-    ".wav": "WAV",
-    ".flac": "FLAC",
-    ".aiff": "AIFF",
-    ".aif": "AIFF",
-    ".ogg": "OGG",
-    ".mp3": "MP3",
-}
-# Subtype used when the caller names none.
-_DEFAULT_SUBTYPES: dict[str, str] = {
-    "WAV": "FLOAT",
-    "FLAC": "PCM_24",
-    "AIFF": "FLOAT",
-    "OGG": "VORBIS",
-    "MP3": "MPEG_LAYER_III",
-}
-# Subtypes that store floating point and so keep values outside [-1, 1].
-_FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
-# Linear integer PCM subtypes: bits per sample. We quantize these ourselves (round to nearest, scale
-# 2**(bits-1), the inverse of libsndfile's int -> float read) so a clip read from an integer file is written
-# back bit-exact, whatever libsndfile version does the float -> int conversion.
-_PCM_BITS: dict[str, int] = {
-    "PCM_S8": 8,
-    "PCM_U8": 8,
-    "PCM_16": 16,
-    "PCM_24": 24,
-    "PCM_32": 32,
-    "ALAC_16": 16,
-    "ALAC_20": 20,
-    "ALAC_24": 24,
-    "ALAC_32": 32,
-}
-# Integer dtypes accepted in memory, with their full-scale divisor.
-_INT_SCALES: dict[np.dtype[Any], float] = {
-    np.dtype(np.int16): 32768.0,
-    np.dtype(np.int32): 2147483648.0,
-}
-
-
-class AudioError(ValueError):
-    """Bad audio input: the message names the file (or array) and what is wrong with it."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,56 +97,7 @@ class Audio:
         return self.frames / self.sample_rate
 
 
-# --------------------------------------------------------------------------------------------------- checks
-
-
-def _check_limits(name: str, min_seconds: float, max_seconds: float | None) -> None:
-    if not math.isfinite(min_seconds) or min_seconds < 0:
-        raise AudioError(f"{name}: min_seconds must be a finite number >= 0, got {min_seconds!r}")
-    if max_seconds is not None and (not max_seconds > 0 or max_seconds < min_seconds):
-        raise AudioError(
-            f"{name}: max_seconds must be > 0 and >= min_seconds ({min_seconds}), got {max_seconds!r}"
-        )
-
-
-def _check_length(
-    name: str, frames: int, sample_rate: int, min_seconds: float, max_seconds: float | None
-) -> None:
-    if frames == 0:
-        raise AudioError(f"{name}: audio is empty (0 frames)")
-    seconds = frames / sample_rate
-    if seconds < min_seconds:
-        raise AudioError(
-            f"{name}: audio is too short: {seconds:.3f} s ({frames} frames at {sample_rate} Hz),"
-            f" at least {min_seconds} s needed"
-        )
-    if max_seconds is not None and seconds > max_seconds:
-        raise AudioError(f"{name}: audio is too long: {seconds:.3f} s, at most {max_seconds} s allowed")
-
-
-def _check_finite(name: str, samples: np.ndarray) -> None:
-    finite = np.isfinite(samples)
-    if not finite.all():
-        bad = np.flatnonzero(~finite.reshape(samples.shape[0], -1).all(axis=1))
-        first = int(bad[0])
-        kind = "NaN" if np.isnan(samples[first]).any() else "infinite"
-        raise AudioError(
-            f"{name}: audio contains NaN or infinite samples"
-            f" ({bad.size} frame(s), first {kind} at frame {first})"
-        )
-
-
-def _as_float32(samples: Any, name: str) -> np.ndarray:
-    """A new float32 array holding ``samples`` (ints scaled to [-1, 1)); never a view of the input."""
-    arr = np.asarray(samples)
-    if arr.dtype in _INT_SCALES:
-        return (arr.astype(np.float64) / _INT_SCALES[arr.dtype]).astype(np.float32)
-    if arr.dtype.kind == "f":
-        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, caught as non-finite
-            return np.array(arr, dtype=np.float32, copy=True)
-    raise AudioError(
-        f"{name}: unsupported sample dtype {arr.dtype}; expected float32, float64, int16 or int32"
-    )
+# ----------------------------------------------------------------------------------------------- validation
 
 
 def _check_rate(name: str, sample_rate: Any) -> int:
@@ -214,7 +126,7 @@ def validate_samples(
     :class:`AudioError` naming ``name`` for anything else, an empty clip, a clip shorter than
     ``min_seconds`` or longer than ``max_seconds``, and NaN/inf samples.
     """
-    _check_limits(name, min_seconds, max_seconds)
+    check_limits(name, min_seconds, max_seconds)
     shape = np.shape(samples)
     if len(shape) not in (1, 2):
         raise AudioError(f"{name}: samples must have shape (frames,) or (frames, channels), got {shape}")
@@ -228,9 +140,9 @@ def validate_samples(
                 f"{name}: {channels} channels, shape {shape}; 1..{MAX_CHANNELS} channels supported{hint}"
             )
     rate = _check_rate(name, sample_rate)
-    out = _as_float32(samples, name)
-    _check_length(name, int(out.shape[0]), rate, min_seconds, max_seconds)
-    _check_finite(name, out)
+    out = as_float32(samples, name)
+    check_length(name, int(out.shape[0]), rate, min_seconds, max_seconds)
+    check_finite(name, out)
     return out
 
 
@@ -247,7 +159,7 @@ def to_rate(x: np.ndarray, sr: int, new_sr: int) -> np.ndarray:
 
 def to_mono(samples: Any) -> np.ndarray:
     """Average the channels: ``(frames, channels)`` -> float32 ``(frames,)``; a mono array is copied."""
-    arr = _as_float32(samples, "to_mono")
+    arr = as_float32(samples, "to_mono")
     if arr.ndim == 1:
         return arr
     if arr.ndim != 2:
@@ -269,7 +181,7 @@ def read_audio(path: PathLike, *, min_seconds: float = 0.1, max_seconds: float |
     """
     p = Path(path)
     name = str(p)
-    _check_limits(name, min_seconds, max_seconds)
+    check_limits(name, min_seconds, max_seconds)
     if not p.exists():
         raise AudioError(f"{name}: file not found")
     if p.is_dir():
@@ -279,55 +191,19 @@ def read_audio(path: PathLike, *, min_seconds: float = 0.1, max_seconds: float |
             rate, fmt, subtype = int(f.samplerate), str(f.format), str(f.subtype)
             if f.frames > 0 and max_seconds is not None and f.frames / rate > max_seconds:
                 # refuse before decoding a huge file
-                _check_length(name, int(f.frames), rate, min_seconds, max_seconds)
+                check_length(name, int(f.frames), rate, min_seconds, max_seconds)
             data = f.read(_frames_to_read(f), dtype="float32", always_2d=False)
     except (sf.SoundFileError, RuntimeError, OSError, ValueError) as exc:
         raise AudioError(f"{name}: not readable as audio: {exc}") from exc
     samples = np.ascontiguousarray(data, dtype=np.float32)
     if rate <= 0:
         raise AudioError(f"{name}: invalid sample rate {rate}")
-    _check_length(name, int(samples.shape[0]), rate, min_seconds, max_seconds)
-    _check_finite(name, samples)
+    check_length(name, int(samples.shape[0]), rate, min_seconds, max_seconds)
+    check_finite(name, samples)
     return Audio(samples=samples, sample_rate=rate, subtype=subtype, format=fmt)
 
 
 # ---------------------------------------------------------------------------------------------------- write
-
-
-def _resolve_format(path: Path, subtype: str | None, fmt: str | None) -> tuple[str, str]:
-    name = str(path)
-    if fmt is None:
-        fmt = _EXTENSION_FORMATS.get(path.suffix.lower(), "WAV")
-    fmt = fmt.upper()
-    if fmt not in sf.available_formats():
-        raise AudioError(f"{name}: unknown audio format {fmt!r}")
-    if subtype is None:
-        subtype = _DEFAULT_SUBTYPES.get(fmt) or sf.default_subtype(fmt)
-        if subtype is None:
-            raise AudioError(f"{name}: no default subtype for format {fmt}; pass subtype=")
-    subtype = subtype.upper()
-    if not sf.check_format(fmt, subtype):
-        raise AudioError(f"{name}: format {fmt} cannot store subtype {subtype}")
-    return fmt, subtype
-
-
-def _encode(samples: np.ndarray, subtype: str, name: str) -> np.ndarray:
-    """What to hand soundfile for ``subtype``: floats as they are, or integers quantized by us."""
-    if subtype in _FLOAT_SUBTYPES:
-        return samples.astype(np.float64 if subtype == "DOUBLE" else np.float32, copy=False)
-    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
-    if peak > 1.0:
-        raise AudioError(
-            f"{name}: samples peak at {peak:.6g}, outside [-1, 1]; subtype {subtype} would clip them"
-            " (scale the audio down or write subtype='FLOAT')"
-        )
-    bits = _PCM_BITS.get(subtype)
-    if bits is None:  # codecs (Vorbis, MP3, u-law, ADPCM, ...): libsndfile encodes from float
-        return samples.astype(np.float32, copy=False)
-    container, width = (np.int16, 16) if bits <= 16 else (np.int32, 32)
-    full = float(2 ** (bits - 1))
-    q = np.clip(np.rint(samples.astype(np.float64) * full), -full, full - 1)
-    return (q.astype(np.int64) << (width - bits)).astype(container)
 
 
 # libsndfile's SFC_SET_ADD_PEAK_CHUNK: the PEAK chunk of float WAV/AIFF files carries the time of writing, so two
@@ -338,7 +214,7 @@ _SFC_SET_ADD_PEAK_CHUNK = 0x1050
 def _sf_write(path: Path, payload: np.ndarray, sample_rate: int, subtype: str, fmt: str) -> None:
     channels = 1 if payload.ndim == 1 else int(payload.shape[1])
     with sf.SoundFile(str(path), "w", int(sample_rate), channels, subtype=subtype, format=fmt) as f:
-        if subtype in _FLOAT_SUBTYPES:
+        if subtype in FLOAT_SUBTYPES:
             snd, ffi = getattr(sf, "_snd", None), getattr(sf, "_ffi", None)
             if snd is not None and ffi is not None:  # soundfile has no public call for it
                 snd.sf_command(f._file, _SFC_SET_ADD_PEAK_CHUNK, ffi.NULL, 0)
@@ -391,11 +267,11 @@ def write_audio(
     parent = target.parent
     if not parent.is_dir():
         raise AudioError(f"{name}: directory {parent} does not exist")
-    fmt, sub = _resolve_format(target, subtype, format)
+    fmt, sub = resolve_format(target, subtype, format)
     data = validate_samples(samples, sample_rate, name=name, min_seconds=0.0)
-    if np.asarray(samples).dtype == np.float64 and (sub == "DOUBLE" or _PCM_BITS.get(sub, 0) > 24):
+    if np.asarray(samples).dtype == np.float64 and (sub == "DOUBLE" or INTEGER_PCM_BITS.get(sub, 0) > 24):
         data = np.asarray(samples)  # float32 cannot hold every DOUBLE / 32-bit value: quantize from float64
-    payload = _encode(data, sub, name)
+    payload = encode_samples(data, sub, name)
 
     def write(tmp: Path) -> None:
         try:
@@ -409,9 +285,6 @@ def write_audio(
         return replace_atomically(target, write)
     except FileExistsError as exc:  # no free name for the partial file
         raise AudioError(str(exc)) from exc
-
-
-PCM_BITS = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "PCM_24": 24, "PCM_32": 32}
 
 
 def fit_to_budget(out: np.ndarray, inp: np.ndarray, epsilon: float, subtype: str | None = None) -> np.ndarray:
@@ -460,19 +333,6 @@ def _frames_to_read(f: sf.SoundFile) -> int:
     return -1 if f.seekable() else int(f.frames)
 
 
-# Lossy or companded encodings: what their decoded samples are written as (re-encoding them would both weaken the
-# perturbation and add coding noise far above epsilon). Integer codecs decode to 16 (24) bit values, exactly stored
-# as PCM; perceptual codecs decode to floats.
-_DECODED_AS: dict[str, str] = {
-    "ULAW": "PCM_16", "ALAW": "PCM_16", "IMA_ADPCM": "PCM_16", "MS_ADPCM": "PCM_16", "GSM610": "PCM_16",
-    "VOX_ADPCM": "PCM_16", "G721_32": "PCM_16", "G723_24": "PCM_16", "G723_40": "PCM_16",
-    "NMS_ADPCM_16": "PCM_16", "NMS_ADPCM_24": "PCM_16", "NMS_ADPCM_32": "PCM_16", "DPCM_8": "PCM_16",
-    "DPCM_16": "PCM_16", "DWVW_12": "PCM_16", "DWVW_16": "PCM_16", "DWVW_24": "PCM_24", "DWVW_N": "PCM_24",
-    "VORBIS": "FLOAT", "OPUS": "FLOAT", "MPEG_LAYER_I": "FLOAT", "MPEG_LAYER_II": "FLOAT",
-    "MPEG_LAYER_III": "FLOAT",
-}
-
-
 def output_subtype(fmt: str, in_subtype: str | None, epsilon: float) -> tuple[str, str | None]:
     """The subtype a protected copy of an ``in_subtype`` recording is written in, inside container ``fmt``
     (WAV, FLAC, AIFF), and a note when it is not the input's own.
@@ -484,16 +344,16 @@ def output_subtype(fmt: str, in_subtype: str | None, epsilon: float) -> tuple[st
     fmt = fmt.upper()
     sub = (in_subtype or "").upper()
     note: str | None = None
-    if sub in _FLOAT_SUBTYPES or sub in PCM_BITS:
+    if sub in FLOAT_SUBTYPES or sub in PCM_BITS:
         want = sub
-    elif sub in _DECODED_AS:
-        want = _DECODED_AS[sub]
+    elif sub in DECODED_AS:
+        want = DECODED_AS[sub]
         note = (f"{sub} is a lossy or companded encoding: the protected copy is written as {want}, because "
                 "re-encoding would weaken the protection")
     else:
         want = "FLOAT"
         note = f"subtype {sub or 'unknown'}: the protected copy is written as FLOAT"
-    if want in _FLOAT_SUBTYPES and not sf.check_format(fmt, want):
+    if want in FLOAT_SUBTYPES and not sf.check_format(fmt, want):
         note = f"{fmt} cannot store {want} samples: the protected copy is written as PCM_24"
         want = "PCM_24"
     bits = PCM_BITS.get(want)
