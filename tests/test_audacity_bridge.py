@@ -12,15 +12,18 @@ import pytest
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the fake Audacity uses POSIX FIFOs")
 
-from audacity_harness import FakeProject, FakeServer, FTrack  # noqa: E402
+from audacity_fake_pipe import FakeServer  # noqa: E402
+from audacity_fake_project import FakeProject, FTrack  # noqa: E402
 
 from clients import cli  # noqa: E402
-from clients.audacity.bridge import Bridge, BridgeError, SelectionError, fit_to_budget  # noqa: E402
+from clients.audacity.bridge import Bridge  # noqa: E402
 from clients.audacity.cli import register_audacity, run_audacity  # noqa: E402
+from clients.audacity.errors import BridgeError, SelectionError  # noqa: E402
 from clients.audacity.macro import DONE, FAILED  # noqa: E402
 from clients.audacity.pipe import PipeClient  # noqa: E402
 from clients.audacity.watch import Watcher  # noqa: E402
 from cloak import ConfigError  # noqa: E402
+from cloak.audio import fit_to_budget  # noqa: E402
 
 EPS = 0.002
 RATE = 44100

@@ -11,23 +11,19 @@ import pytest
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the fake Audacity uses POSIX FIFOs")
 
-from audacity_harness import BARE_NEWLINE, QUIT, SILENT, FakeServer, parse_command  # noqa: E402
+from audacity_fake_pipe import BARE_NEWLINE, QUIT, SILENT, FakeServer, parse_command  # noqa: E402
 
-from clients.audacity.pipe import (  # noqa: E402
-    AUDACITY4_HINT,
+from clients.audacity.commands import as_bool, format_command, format_number, parse_json  # noqa: E402
+from clients.audacity.diagnose import AUDACITY4_HINT, diagnose_missing_pipe  # noqa: E402
+from clients.audacity.errors import (  # noqa: E402
     AudacityGone,
     CommandFailed,
     NoProject,
-    PipeClient,
     PipeNotFound,
     PipeTimeout,
     UnsupportedAudacity,
-    as_bool,
-    diagnose_missing_pipe,
-    format_command,
-    format_number,
-    parse_json,
 )
+from clients.audacity.pipe import PipeClient  # noqa: E402
 
 TRACKS_JSON = ('[ \n  { "name":"take 1", "focused":1, "selected":"1", "kind":"wave", "start":0, "end":6.01007, '
                '"pan":0, "gain":1, "channels":2, "solo":0, "mute":0, "VZoomMin":-1, "VZoomMax":1 } ]')
@@ -215,7 +211,8 @@ def test_parse_helpers():
 
 
 def test_pipe_lock_serialises_transactions(tmp_path):
-    from clients.audacity.pipe import PipeBusy, PipeLock
+    from clients.audacity.errors import PipeBusy
+    from clients.audacity.lock import PipeLock
 
     a, b = PipeLock(str(tmp_path / "l")), PipeLock(str(tmp_path / "l"))
     a.acquire()

@@ -13,9 +13,13 @@ import sys
 import threading
 from typing import Any
 
-from .bridge import Bridge, BridgeCancelled, BridgeError, CloakOutcome, Processor, SelectionError
+from .bridge import Bridge, Processor
+from .diagnose import running_audacity
+from .errors import AudacityError, BridgeCancelled, BridgeError, CommandFailed, SelectionError, UnsupportedAudacity
+from .lock import PipeLock
 from .macro import MACRO_NAME
-from .pipe import AudacityError, CommandFailed, PipeClient, PipeLock, UnsupportedAudacity, running_audacity
+from .outcome import CloakOutcome
+from .pipe import PipeClient
 from .setup import find_profiles, install
 from .watch import JobReport, Watcher
 

@@ -22,9 +22,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bridge import Bridge, BridgeCancelled, CloakOutcome, SelectionError
+from .bridge import Bridge
+from .errors import (
+    AudacityError,
+    AudacityGone,
+    BridgeCancelled,
+    NoProject,
+    PipeBusy,
+    PipeNotFound,
+    PipeTimeout,
+    SelectionError,
+)
 from .macro import DONE, PENDING, WORKING, failed_text, parse_mark
-from .pipe import AudacityError, AudacityGone, NoProject, PipeBusy, PipeNotFound, PipeTimeout
+from .outcome import CloakOutcome
 
 __all__ = ["JobReport", "Watcher"]
 
