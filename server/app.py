@@ -26,7 +26,8 @@ from .gen import cloak_service_pb2 as pb
 from .gen import cloak_service_pb2_grpc as pb_grpc
 from .metrics import Metrics
 from .scheduler import Scheduler
-from .service import SERVICE_NAME, CloakServicer, StreamCaps, peer_host
+from .service import SERVICE_NAME, CloakServicer
+from .streams import StreamCaps, peer_host
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_BUNDLE = 0, 1, 2, 4
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
