@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from cloak.features import DIFFVC_HOP, DIFFVC_RATE
 
-from . import pcm, wire
-from .gen import cloak_service_pb2 as pb
+from . import codec
+from .upload import Upload
 
 MIB = 1 << 20
 PER_SAMPLE_OUT = 64  # bytes per input sample (frames x channels) while the result is made and encoded
@@ -54,7 +54,7 @@ def pool_size(repeats: int, t_adv: int) -> int:
     return math.ceil(base / t_adv) * t_adv
 
 
-def estimate(up: pcm.Upload, unet_scale: float = 1.0) -> Estimate:
+def estimate(up: Upload, unet_scale: float = 1.0) -> Estimate:
     """Peak host memory of an upload and of its job; unet_scale 0 when the U-Net runs on a GPU."""
     cfg = up.config
     samples = up.frames * up.channels
@@ -65,7 +65,7 @@ def estimate(up: pcm.Upload, unet_scale: float = 1.0) -> Estimate:
     r, sf = cfg.repeats, cfg.source_frames
     unet = int(UNET_MARGIN * MIB * (72 + unet_scale * (35.4 * w + 15.7 * r * w + 1.02 * r * sf + 0.047 * p * sf
                                                        + 3.64 * r)))
-    out = PER_SAMPLE_OUT_INT16 if up.encoding == pb.SAMPLE_ENCODING_INT16 else PER_SAMPLE_OUT
+    out = PER_SAMPLE_OUT_INT16 if up.encoding == "int16" else PER_SAMPLE_OUT
     data = 4 * samples + out * samples + PER_SAMPLE_22K * n22
     upload = up.nbytes + 4 * samples
     return Estimate(upload, data + unet, unet, "settings.repeats" if unet > data else "header.frames")
@@ -134,14 +134,13 @@ def measure(models_dir: str | None, seconds: float, rate: int, channels: int, re
     from cloak.protect import ProtectionJob, run_jobs
 
     models = load_models(models_dir)
-    enc = pb.SAMPLE_ENCODING_INT16 if encoding == "int16" else pb.SAMPLE_ENCODING_FLOAT32
     frames = int(seconds * rate)
     cfg = ProtectConfig(iterations=1, repeats=repeats, t_adv=t_adv, window_seconds=window, source_frames=source_frames,
                         overlap_seconds=min(1.0, window / 2), gender="male")
     audio = (np.random.default_rng(0).standard_normal((frames, channels)) * 0.05).astype(np.float32)
     if channels == 1:
         audio = audio[:, 0]
-    up = pcm.Upload(rate, channels, frames, enc, hashlib.sha256(b"").hexdigest(), cfg)
+    up = Upload(rate, channels, frames, encoding, hashlib.sha256(b"").hexdigest(), cfg)
     est = estimate(up, unet_scale(models))
     base = _proc_status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -150,7 +149,7 @@ def measure(models_dir: str | None, seconds: float, rate: int, channels: int, re
     run_jobs(jobs, max_batch=batch)
     for job in jobs:
         res = job.result()
-        wire.encode(res.audio, enc, reference=job.samples, epsilon=cfg.epsilon)
+        codec.encode(res.audio, encoding, reference=job.samples, epsilon=cfg.epsilon)
         del res
     peak = _proc_status("VmHWM") - base
     return peak, batch * (est.job - 4 * up.frames * up.channels)  # the input array itself is outside both

@@ -1,4 +1,5 @@
-"""Uploads: header validation and the PCM receiver (the settings and PCM formats themselves are server.wire's).
+"""Uploads: header validation and the PCM receiver (the settings and PCM formats themselves are server.wire's,
+the validated header a server.upload.Upload).
 
 Every problem raises InvalidInput, whose message names the field or the message at fault; the servicer turns it
 into INVALID_ARGUMENT.
@@ -12,12 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cloak import AudioError, ProtectConfig
+from cloak import AudioError
 from cloak.audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, validate_samples
 
 from .config import MAX_CHUNK_BYTES, MIN_SECONDS
 from .gen import cloak_service_pb2 as pb
-from .wire import ENCODINGS, InvalidInput, decode, settings_to_config
+from .upload import Upload
+from .wire import ENCODINGS, InvalidInput, settings_to_config
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -28,26 +30,6 @@ class Limits:
     max_upload_bytes: int = 1 << 30
     max_chunk_bytes: int = MAX_CHUNK_BYTES
     min_seconds: float = MIN_SECONDS
-
-
-@dataclass(frozen=True)
-class Upload:
-    """A validated header: what the PCM must look like."""
-
-    sample_rate: int
-    channels: int
-    frames: int
-    encoding: int
-    sha256: str
-    config: ProtectConfig
-
-    @property
-    def dtype(self) -> np.dtype:
-        return ENCODINGS[self.encoding][1]
-
-    @property
-    def nbytes(self) -> int:
-        return self.frames * self.channels * self.dtype.itemsize
 
 
 def validate_header(h: pb.ProtectHeader, limits: Limits) -> Upload:
@@ -71,7 +53,7 @@ def validate_header(h: pb.ProtectHeader, limits: Limits) -> Upload:
     if not _HEX64.fullmatch(h.sha256):
         raise InvalidInput("header.sha256: must be the SHA-256 of the PCM bytes as 64 lowercase hex digits")
     config = settings_to_config(h.settings)
-    up = Upload(int(h.sample_rate), int(h.channels), int(h.frames), int(h.encoding), h.sha256, config)
+    up = Upload(int(h.sample_rate), int(h.channels), int(h.frames), ENCODINGS[h.encoding][0], h.sha256, config)
     if up.nbytes > limits.max_upload_bytes:
         raise InvalidInput(f"header: the upload would be {up.nbytes} bytes; this server accepts at most "
                            f"{limits.max_upload_bytes}")
@@ -121,18 +103,3 @@ class Receiver:
         except AudioError as e:
             raise InvalidInput(str(e)) from e
 
-
-def delivered_linf(data: bytes, encoding: int, reference: np.ndarray, block: int = 1 << 20) -> float:
-    """max |decoded output - reference| over the PCM as sent (int16 rounding included), in blocks of `block`
-    samples so that a long clip needs no second full-size float copy."""
-    ref = reference.reshape(-1)
-    itemsize = ENCODINGS[encoding][1].itemsize
-    worst = 0.0
-    for off in range(0, ref.shape[0], block):
-        part = decode(data[off * itemsize:(off + block) * itemsize], encoding, 1)
-        worst = max(worst, float(np.max(np.abs(part - ref[off:off + block]))))
-    return worst
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -32,11 +32,12 @@ from cloak.bundle import Models
 from cloak.features import DIFFVC_HOP, DIFFVC_RATE
 from cloak.protect import ProtectionJob, pgd_step, step_groups
 
-from . import logs, memory, pcm, wire
+from . import codec, logs, memory, wire
 from .config import ServerConfig
 from .gen import cloak_service_pb2 as pb
 from .guard import StepGuard
 from .metrics import Metrics
+from .upload import Upload
 
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 
@@ -85,7 +86,7 @@ def window_plan_size(frames: int, sample_rate: int, window_seconds: float, overl
 
 
 class JobRecord:
-    def __init__(self, upload: pcm.Upload, samples: np.ndarray, client: str, keep_on_disconnect: bool = False,
+    def __init__(self, upload: Upload, samples: np.ndarray, client: str, keep_on_disconnect: bool = False,
                  peer: str = "", owner: str | None = None, client_name: str = "",
                  estimated_seconds: float | None = None) -> None:
         self.id = secrets.token_urlsafe(12)
@@ -435,7 +436,7 @@ class Scheduler:
         logs.event("job_accepted", job_id=rec.id, client=rec.client, client_name=rec.client_name, peer=rec.peer,
                    frames=rec.upload.frames,
                    sample_rate=rec.upload.sample_rate, channels=rec.upload.channels,
-                   encoding=wire.ENCODINGS[rec.upload.encoding][0], queue_position=rec.queue_position,
+                   encoding=rec.upload.encoding, queue_position=rec.queue_position,
                    iterations=rec.config.iterations, seed=rec.config.seed)
 
     def not_accepting_reason(self) -> str:
@@ -487,7 +488,7 @@ class Scheduler:
         logs.event("job_disconnected", job_id=rec.id, client=rec.client)
 
     # --- estimates ---------------------------------------------------------------------------------------
-    def estimate(self, upload: pcm.Upload) -> float | None:
+    def estimate(self, upload: Upload) -> float | None:
         """Seconds a new job would take if it ran alone from now (None before any step was measured). The
         server refuses a job whose deadline is sooner: it could not finish even without waiting."""
         spu = self.sec_per_unit
@@ -706,10 +707,10 @@ class Scheduler:
         try:
             res = rec.job.result()
             up = rec.upload
-            out = wire.encode(res.audio, up.encoding, reference=rec.samples, epsilon=rec.config.epsilon)
+            out = codec.encode(res.audio, up.encoding, reference=rec.samples, epsilon=rec.config.epsilon)
             m = res.metrics
             queued = (rec.started_at or rec.accepted_at) - rec.accepted_at
-            linf = pcm.delivered_linf(out, up.encoding, rec.samples)
+            linf = codec.delivered_linf(out, up.encoding, rec.samples)
             warning = unprotected_warning(linf, rec.samples)
             snr = 0.0 if warning else float(m["snr_db"])
             details = {k: v for k, v in m.items() if k in ("history", "config", "snr_db", "linf")}
@@ -723,7 +724,8 @@ class Scheduler:
                 gender=str(m.get("gender", "")), opposite_speaker=str(m.get("opposite_speaker", "")),
                 model=str(m.get("model", "")), settings=wire.config_to_settings(rec.config),
                 details_json=json.dumps(details, default=_jsonable))
-            done = pb.Done(sha256=pcm.sha256_hex(out), frames=up.frames, encoding=up.encoding, metrics=metrics)
+            done = pb.Done(sha256=codec.sha256_hex(out), frames=up.frames, encoding=wire.ENCODING_ENUM[up.encoding],
+                           metrics=metrics)
         except Exception as e:  # noqa: BLE001
             self._fail(rec, grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", exc=True)
             return
@@ -790,7 +792,7 @@ class Scheduler:
         self.metrics.memory_reserved.set(self.memory.used)
 
     # --- the memory budget (server.memory) -----------------------------------------------------------------
-    def memory_estimate(self, upload: pcm.Upload) -> memory.Estimate:
+    def memory_estimate(self, upload: Upload) -> memory.Estimate:
         return memory.estimate(upload, memory.unet_scale(self.models))
 
     def take_memory(self, n: int) -> bool:

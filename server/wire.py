@@ -1,5 +1,6 @@
 """The cloak.v1 wire format shared by the client (clients.remote) and the server (server.pcm): ProtectConfig <->
-ProtectSettings in both directions, and PCM bytes <-> float32 samples with the budget-preserving int16 rounding.
+ProtectSettings in both directions, and PCM bytes <-> float32 samples with the budget-preserving int16 rounding
+(server.codec's, by encoding name; here by cloak.v1.SampleEncoding).
 
 Both sides translate through this module only, so a ProtectConfig field is either carried both ways or by neither
 (`uncarried_fields` names those that are not; the tests hold it empty). Needs protobuf, not grpcio.
@@ -13,14 +14,14 @@ from dataclasses import fields
 import numpy as np
 
 from cloak import ConfigError, ProtectConfig
-from cloak.audio import fit_to_budget
 from cloak.config import LOSS_NAMES, PAPER_LOSSES
 
+from . import codec
 from .gen import cloak_service_pb2 as pb
 
 ENCODINGS: dict[int, tuple[str, np.dtype]] = {
-    pb.SAMPLE_ENCODING_FLOAT32: ("float32", np.dtype("<f4")),
-    pb.SAMPLE_ENCODING_INT16: ("int16", np.dtype("<i2")),
+    pb.SAMPLE_ENCODING_FLOAT32: ("float32", codec.DTYPES["float32"]),
+    pb.SAMPLE_ENCODING_INT16: ("int16", codec.DTYPES["int16"]),
 }
 ENCODING_ENUM = {name: k for k, (name, _) in ENCODINGS.items()}
 GENDERS = {pb.GENDER_UNSPECIFIED: None, pb.GENDER_AUTO: "auto", pb.GENDER_FEMALE: "female", pb.GENDER_MALE: "male"}
@@ -40,7 +41,6 @@ ENUM_FIELDS = ("weights", "id_encoders", "gender", "losses")
 # unchanged output, so weights are held to a range where every loss term keeps its gradient.
 MAX_WEIGHT = 1e6
 MIN_POSITIVE_WEIGHT = 1e-6
-INT16_FULL = 32768.0
 
 
 class InvalidInput(ValueError):
@@ -115,20 +115,10 @@ def config_to_settings(cfg: ProtectConfig) -> pb.ProtectSettings:
 
 
 def encode(audio: np.ndarray, encoding: int, reference: np.ndarray | None = None, epsilon: float = 0.0) -> bytes:
-    """PCM bytes of float32 audio in the wire encoding. For int16 with a `reference` (the input, on the 16-bit
-    grid) the output is quantised within +-epsilon of it (cloak.audio.fit_to_budget): the budget holds on what is
-    stored; without one, rounded to nearest."""
-    if encoding == pb.SAMPLE_ENCODING_FLOAT32:
-        return np.ascontiguousarray(audio, dtype="<f4").tobytes()
-    if reference is not None:
-        audio = fit_to_budget(audio, reference, epsilon, "PCM_16")
-    q = np.rint(np.asarray(audio, dtype=np.float64) * INT16_FULL)
-    return np.clip(q, -INT16_FULL, INT16_FULL - 1).astype("<i2").tobytes()
+    """PCM bytes of float32 audio in a cloak.v1.SampleEncoding (server.codec.encode)."""
+    return codec.encode(audio, ENCODINGS[encoding][0], reference, epsilon)
 
 
 def decode(data: bytes, encoding: int, channels: int) -> np.ndarray:
-    """float32 samples, (frames,) for mono and (frames, channels) otherwise."""
-    dtype = ENCODINGS[encoding][1]
-    raw = np.frombuffer(data, dtype=dtype)
-    x = raw.astype(np.float32) / INT16_FULL if encoding == pb.SAMPLE_ENCODING_INT16 else raw.astype(np.float32)
-    return x if channels == 1 else x.reshape(-1, channels)
+    """float32 samples of PCM in a cloak.v1.SampleEncoding, (frames,) for mono and (frames, channels) otherwise."""
+    return codec.decode(data, ENCODINGS[encoding][0], channels)
