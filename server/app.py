@@ -22,7 +22,7 @@ from cloak.bundle import Models
 from . import logs, pcm
 from .auth import TokenInterceptor
 from .config import MAX_MESSAGE_BYTES, ServerConfig, ServerConfigError, is_loopback, load_token, load_tokens
-from .gen import cloak_service_pb2 as pb
+from .events import ServingState
 from .gen import cloak_service_pb2_grpc as pb_grpc
 from .metrics import Metrics
 from .scheduler import Scheduler
@@ -109,11 +109,11 @@ class CloakServer:
         self._reject_lock = threading.Lock()
         self._reject_log = logs.Throttle()
 
-    def _on_state(self, state: int) -> None:
-        if state == pb.SERVING_STATE_SERVING:
+    def _on_state(self, state: ServingState) -> None:
+        if state == ServingState.SERVING:
             for name in ("", SERVICE_NAME):
                 self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        elif state == pb.SERVING_STATE_DRAINING:
+        elif state == ServingState.DRAINING:
             self.health.enter_graceful_shutdown()
         else:
             for name in ("", SERVICE_NAME):
@@ -172,7 +172,7 @@ class CloakServer:
         server.start()
         self.scheduler.start()
         if self.scheduler.models is not None:
-            self._on_state(pb.SERVING_STATE_SERVING)
+            self._on_state(ServingState.SERVING)
         else:
             assert self.loader is not None
             self.loader_thread = self.scheduler.load(self.loader)

@@ -13,11 +13,13 @@ import grpc
 import cloak
 from cloak.protect import voice_applicable
 
-from . import errors, logs, memory, pcm, wire
+from . import errors, events_pb, logs, memory, pcm, wire
 from .config import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
+from .events import Ended, Succeeded
 from .gen import cloak_service_pb2 as pb
 from .gen import cloak_service_pb2_grpc as pb_grpc
-from .scheduler import JobRecord, NotAccepting, QueueFull, Scheduler, window_plan_size
+from .jobs import JobRecord, Subscription
+from .scheduler import NotAccepting, QueueFull, Scheduler
 from .streams import Gone, Once, Reader, StreamCaps, peer_host
 
 MAX_JOB_ID = 128
@@ -269,7 +271,7 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
         yield from self._follow(rec, context, pb.ProtectResponse, sub)
 
     def _follow(self, rec: JobRecord, context: grpc.ServicerContext, wrap: Callable[..., Any],
-                sub: Any = None, result_offset: int = 0) -> Iterator[Any]:
+                sub: Subscription | None = None, result_offset: int = 0) -> Iterator[Any]:
         sub = rec.subscribe() if sub is None else sub
         last, last_at = None, time.monotonic()
         try:
@@ -286,21 +288,18 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
                         yield wrap(event=beat)
                         last_at = time.monotonic()
                     continue
-                kind, value = item
-                if kind in ("event", "progress"):
-                    yield wrap(event=value)
-                    last, last_at = value, time.monotonic()
-                elif kind == "result":
-                    data, done = rec.result_pcm, rec.done_event
-                    assert data is not None and done is not None
+                if isinstance(item, Succeeded):
+                    data = item.pcm
                     for off in range(min(result_offset, len(data)), len(data), MAX_CHUNK_BYTES):
                         yield wrap(event=pb.JobEvent(job_id=rec.id, result_chunk=pb.ResultChunk(
                             offset=off, pcm=data[off:off + MAX_CHUNK_BYTES])))
-                    yield wrap(event=done)
+                    yield wrap(event=events_pb.done_event(rec.id, item.done))
                     return
-                elif kind == "error":
-                    code, message = value
-                    context.abort(code, message)
+                if isinstance(item, Ended):
+                    context.abort(events_pb.status_code(item.kind), item.message)
+                event = events_pb.job_event(rec.id, item)
+                yield wrap(event=event)
+                last, last_at = event, time.monotonic()
         finally:
             rec.unsubscribe(sub)
 
@@ -337,7 +336,7 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
         try:
             rec.attaches += 1
             logs.event("job_attached", job_id=rec.id, peer=context.peer(), client=who,
-                       state=pb.JobState.Name(rec.state))
+                       state=pb.JobState.Name(events_pb.job_state(rec.state)))
             yield from self._follow(rec, context, pb.AttachResponse, result_offset=request.result_offset)
         finally:
             once()
@@ -354,12 +353,12 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             if waits:
                 self._cancel_waits.release()
         logs.event("job_cancel_requested", job_id=rec.id, client=self.identity(context),
-                   state=pb.JobState.Name(state))
-        return pb.CancelResponse(state=state)
+                   state=pb.JobState.Name(events_pb.job_state(state)))
+        return pb.CancelResponse(state=events_pb.job_state(state))
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.GetJobResponse:
         rec = self._record(request.job_id, context)
-        return pb.GetJobResponse(status=rec.status(self.sched.cfg.result_ttl))
+        return pb.GetJobResponse(status=events_pb.job_status(rec.status(self.sched.cfg.result_ttl)))
 
     # --- server ------------------------------------------------------------------------------------------------
     def GetServerInfo(self, request: pb.GetServerInfoRequest,
@@ -377,7 +376,7 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
             memory_budget_bytes=self.sched.memory.total, max_message_bytes=MAX_MESSAGE_BYTES,
             heartbeat_seconds=HEARTBEAT_S)
         return pb.GetServerInfoResponse(
-            version=cloak.__version__, state=self.sched.serving_state,
+            version=cloak.__version__, state=events_pb.serving_state(self.sched.serving_state),
             models=[pb.ModelInfo(name=i.name, sha256=i.sha256 or "", device=i.device, dtype=i.dtype)
                     for i in (models.info if models is not None else [])],
             limits=limits, queue_depth=snap["queue_depth"], active_jobs=snap["active_jobs"], device=self.device,
@@ -396,13 +395,12 @@ class CloakServicer(pb_grpc.CloakServiceServicer):
         need, too_large = self._too_large(upload)
         if too_large is not None:
             context.abort_with_status(too_large)
-        windows, _ = window_plan_size(upload.frames, upload.sample_rate, upload.config.window_seconds,
-                                      upload.config.overlap_seconds)
+        windows, _ = upload.plan_size()
         snap = self.sched.snapshot()
         out = pb.EstimateJobResponse(
             windows=windows, iterations=windows * upload.config.iterations, memory_bytes=need.peak,
             memory_free_bytes=max(0, self.sched.memory.free), queue_depth=snap["queue_depth"],
-            active_jobs=snap["active_jobs"], state=self.sched.serving_state)
+            active_jobs=snap["active_jobs"], state=events_pb.serving_state(self.sched.serving_state))
         est, backlog = self.sched.estimate(upload), self.sched.backlog_seconds()
         if est is not None:
             out.protect_seconds = est

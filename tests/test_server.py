@@ -36,7 +36,6 @@ from cloak import AudioError, ConfigError, protect
 from cloak.protect import ProtectionJob, run_jobs
 from server.config import ServerConfig, ServerConfigError, is_loopback, split_listen
 from server.gen import cloak_service_pb2 as pb
-from server.scheduler import FairQueue
 
 SERVING, NOT_SERVING = 1, 2  # grpc.health.v1.HealthCheckResponse.ServingStatus
 
@@ -175,20 +174,6 @@ def test_eight_concurrent_clients_all_correct_and_batched(server, models):
 
 
 # -------------------------------------------------------------------------------------- queue and jobs
-def test_fair_queue_round_robin_between_clients():
-    class R:
-        def __init__(self, client, n):
-            self.client, self.n = client, n
-
-    q = FairQueue()
-    for r in [R("a", 1), R("a", 2), R("a", 3), R("b", 1), R("c", 1), R("b", 2)]:
-        q.push(r)
-    assert [(r.client, r.n) for r in q.order()] == [("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("a", 3)]
-    popped = [q.pop() for _ in range(6)]
-    assert [(r.client, r.n) for r in popped] == [("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("a", 3)]
-    assert q.pop() is None and len(q) == 0
-
-
 def test_queue_full_is_resource_exhausted_with_retry_hint(models):
     with running(models, max_batch=1, max_queue=1) as srv, channel(srv) as c:
         s = stub(c)
