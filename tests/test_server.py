@@ -1,4 +1,5 @@
-"""The cloak.v1 gRPC server, in-process on loopback, with a tiny DiffVC bundle and real corpus speech."""
+"""The cloak.v1 gRPC server, in-process on loopback, with a tiny DiffVC bundle and real corpus speech: the
+contract, round trips, the queue and jobs, bad input. Security is test_server_auth's, health test_server_health's."""
 
 from __future__ import annotations
 
@@ -11,71 +12,39 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_server_helpers import (
-    bundle_models,
+from test_server_helpers import (  # noqa: F401 - fixtures are found by name (the autouse one, and arguments)
+    SERVING,
+    bad_cases,
+    ch_fixture,
     channel,
     fast,
     fast_settings,
     header,
     health_status,
     kinds,
-    make_tls,
+    long_job,
     messages,
-    one_thread,
+    models_fixture,
+    one_torch_thread,
     raw_protect,
     result_audio,
     running,
     speech,
     stub,
-    token_file,
     wait_for,
 )
 
 from clients.remote import RemoteProtector, ServerUnavailable
 from cloak import AudioError, ConfigError, protect
 from cloak.protect import ProtectionJob, run_jobs
-from server.config import ServerConfig, ServerConfigError, is_loopback, split_listen
+from server.events import JobState
 from server.gen import cloak_service_pb2 as pb
-
-SERVING, NOT_SERVING = 1, 2  # grpc.health.v1.HealthCheckResponse.ServingStatus
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, corpus):
-    return bundle_models(tmp_path_factory.mktemp("server"))[0]
 
 
 @pytest.fixture(scope="module")
 def server(models):
     with running(models, max_batch=4, max_queue=16, metrics_port=0) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def ch(server):
-    c = channel(server)
-    yield c
-    c.close()
-
-
-def _long_job(s, seconds: float = 1.0, **kw):
-    """Start a job that runs for a long time; returns (call, job_id) once it is running."""
-    audio = speech(seconds)
-    h, data = header(audio, 16000, fast_settings(iterations=5000), **kw)
-    call = s.Protect(iter(messages(h, data)))
-    it = iter(call)
-    job_id = None
-    for r in it:
-        job_id = r.event.job_id
-        if r.event.WhichOneof("kind") == "progress":
-            break
-    return call, it, job_id
 
 
 # ------------------------------------------------------------------------------------------- contract
@@ -173,11 +142,22 @@ def test_eight_concurrent_clients_all_correct_and_batched(server, models):
     assert len({results[s].tobytes() for s in seeds}) == 8
 
 
+def test_batched_server_matches_engine_batching(models):
+    """max_batch=1 (no cross-job batching) gives exactly cloak.protect; the engine's batched run agrees."""
+    audio = speech(1.0)
+    jobs = [ProtectionJob(audio, 16000, models, fast(seed=s)) for s in (1, 2)]
+    run_jobs(jobs, max_batch=2)
+    with running(models, max_batch=1) as srv, RemoteProtector(srv.address) as rp:
+        out = rp.protect(audio, 16000, fast(seed=1)).audio
+    assert np.array_equal(out, protect(audio, 16000, models, fast(seed=1)).audio)
+    np.testing.assert_allclose(out, jobs[0].result().audio, atol=2e-6)
+
+
 # -------------------------------------------------------------------------------------- queue and jobs
 def test_queue_full_is_resource_exhausted_with_retry_hint(models):
     with running(models, max_batch=1, max_queue=1) as srv, channel(srv) as c:
         s = stub(c)
-        call_a, _, job_a = _long_job(s)
+        call_a, _, job_a = long_job(s)
         audio = speech(1.0)
         h, data = header(audio, 16000, fast_settings(iterations=5000))
         call_b = s.Protect(iter(messages(h, data)))
@@ -201,7 +181,7 @@ def test_queue_full_is_resource_exhausted_with_retry_hint(models):
 
 def test_cancel_by_id_frees_the_job(ch, server):
     s = stub(ch)
-    call, it, job_id = _long_job(s)
+    call, it, job_id = long_job(s)
     rec = server.scheduler.get(job_id)
     assert rec.job is not None
     assert s.Cancel(pb.CancelRequest(job_id=job_id), timeout=10).state == pb.JOB_STATE_CANCELLED
@@ -219,12 +199,12 @@ def test_cancel_by_id_frees_the_job(ch, server):
 
 def test_disconnect_cancels_the_job_within_an_iteration(ch, server):
     s = stub(ch)
-    call, it, job_id = _long_job(s)
+    call, it, job_id = long_job(s)
     rec = server.scheduler.get(job_id)
     done_before = rec.iterations_done
     call.cancel()  # the client goes away
     wait_for(lambda: rec.finished, timeout=10)
-    assert rec.state == pb.JOB_STATE_CANCELLED and rec.job is None and rec.samples is None
+    assert rec.state == JobState.CANCELLED and rec.job is None and rec.samples is None
     assert rec.iterations_done <= done_before + 3
     wait_for(lambda: rec not in server.scheduler.active)
 
@@ -240,7 +220,7 @@ def test_deadline_is_honoured(models):
         assert kinds(events)[0] == "accepted"
         rec = srv.scheduler.get(events[0].job_id)
         wait_for(lambda: rec.finished, timeout=10)
-        assert rec.state == pb.JOB_STATE_CANCELLED and rec.job is None
+        assert rec.state == JobState.CANCELLED and rec.job is None
         wait_for(lambda: srv.scheduler.snapshot()["active_jobs"] == 0)
         # now the speed is known: work that cannot finish before the deadline is refused up front
         assert srv.scheduler.sec_per_unit is not None
@@ -257,7 +237,7 @@ def test_reattach_running_and_finished_job(ch, server, models):
     job_id = events[0].job_id
     rec = server.scheduler.get(job_id)
     time.sleep(0.3)
-    assert not rec.finished or rec.state == pb.JOB_STATE_SUCCEEDED  # kept running after the drop
+    assert not rec.finished or rec.state == JobState.SUCCEEDED  # kept running after the drop
     progress = []
     with RemoteProtector(server.address) as rp:
         r1 = rp.attach(job_id, progress=progress.append)
@@ -272,65 +252,6 @@ def test_reattach_running_and_finished_job(ch, server, models):
 
 
 # ------------------------------------------------------------------------------------------- bad input
-def bad_cases():
-    audio = speech(0.5)
-    good_h, good = header(audio, 16000)
-
-    def h(**kw):
-        x = pb.ProtectHeader()
-        x.CopyFrom(good_h)
-        for k, v in kw.items():
-            setattr(x, k, v)
-        return x
-
-    def with_settings(**kw):
-        x = h()
-        x.settings.CopyFrom(fast_settings())
-        for k, v in kw.items():
-            if isinstance(v, list):
-                getattr(x.settings, k)[:] = v
-            else:
-                setattr(x.settings, k, v)
-        return x
-
-    nan = audio.copy()
-    nan[100] = np.nan
-    nan_h, nan_data = header(nan, 16000)
-    nine = np.zeros((8000, 9), np.float32)
-    nine_h, nine_data = header(nine, 16000)
-    return [
-        ("wrong sha", messages(h(sha256="0" * 64), good), "sha256 mismatch"),
-        ("bad sha format", messages(h(sha256="xyz"), good), "header.sha256"),
-        ("truncated stream", messages(good_h, good[:-400]), "truncated"),
-        ("too much pcm", messages(good_h, good + b"\0\0\0\0"), "more PCM than the header declares"),
-        ("zero frames", messages(h(frames=0), b""), "0 frames"),
-        ("too short", messages(h(frames=10), good[:40]), "at least 0.1 s"),
-        ("too long", messages(h(frames=16000 * 601), b""), "at most 600 s"),
-        ("NaN samples", messages(nan_h, nan_data), "NaN"),
-        ("9 channels", messages(nine_h, nine_data), "header.channels"),
-        ("rate too low", messages(h(sample_rate=7999), good), "header.sample_rate"),
-        ("rate too high", messages(h(sample_rate=192001), good), "header.sample_rate"),
-        ("no encoding", messages(h(encoding=pb.SAMPLE_ENCODING_UNSPECIFIED), good), "header.encoding"),
-        ("oversize chunk", [pb.ProtectRequest(header=h(frames=400_000, sha256="0" * 64)),
-                            pb.ProtectRequest(pcm=b"\0" * ((1 << 20) + 4))], "at most 1048576"),
-        ("no header", messages(None, good), "first message must be a ProtectHeader"),
-        ("empty stream", [], "empty request stream"),
-        ("two headers", [pb.ProtectRequest(header=good_h), pb.ProtectRequest(header=good_h)], "second ProtectHeader"),
-        ("empty message", [pb.ProtectRequest(header=good_h), pb.ProtectRequest()], "empty message"),
-        ("epsilon out of range", messages(with_settings(epsilon=0.5), good), "settings.epsilon"),
-        ("step above epsilon", messages(with_settings(step_size=0.01), good), "settings.step_size"),
-        ("iterations out of range", messages(with_settings(iterations=20000), good), "settings.iterations"),
-        ("three weights", messages(with_settings(weights=[1.0, 2.0, 3.0]), good), "settings.weights"),
-        ("negative weight", messages(with_settings(weights=[1.0, -2.0, 3.0, 4.0]), good), "settings.weights"),
-        ("NaN window", messages(with_settings(window_seconds=float("nan")), good), "settings.window_seconds"),
-        ("seed too big", messages(with_settings(seed=2**63), good), "settings.seed"),
-        ("unknown gender", messages(with_settings(gender=17), good), "settings.gender"),
-        ("unknown loss", messages(with_settings(losses=[9]), good), "settings.losses"),
-        ("wavlm missing", messages(with_settings(id_encoders=[pb.SPEAKER_ENCODER_WAVLM]), good),
-         "settings.id_encoders"),
-    ]
-
-
 def test_bad_inputs_are_invalid_argument_and_the_server_keeps_serving(ch, server):
     s = stub(ch)
     for name, msgs, expect in bad_cases():
@@ -391,82 +312,7 @@ def test_fuzz_request_stream(ch, server, spec, rate, channels, encoding, sha_ok,
     assert health_status(ch) == SERVING
 
 
-# ------------------------------------------------------------------------------------ security, health
-def test_token_auth(models, tmp_path):
-    tf = token_file(tmp_path)
-    with running(models, token_file=str(tf)) as srv, channel(srv) as c:
-        s = stub(c)
-        for md in ((), (("authorization", "Bearer wrong-token-000000000"),), (("authorization", "s3cret"),)):
-            with pytest.raises(grpc.RpcError) as ei:
-                s.GetServerInfo(pb.GetServerInfoRequest(), metadata=md, timeout=10)
-            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            h, data = header(speech(0.5), 16000)
-            assert raw_protect(s, messages(h, data), metadata=md)[1] == grpc.StatusCode.UNAUTHENTICATED
-        assert health_status(c) == SERVING  # health needs no token
-        ok = (("authorization", "Bearer s3cret-token-0123456789"),)
-        assert s.GetServerInfo(pb.GetServerInfoRequest(), metadata=ok, timeout=10).state == pb.SERVING_STATE_SERVING
-        with RemoteProtector(srv.address, token="s3cret-token-0123456789") as rp:
-            assert rp.protect(speech(0.5), 16000, fast(iterations=1)).audio.shape == (8000,)
-        with RemoteProtector(srv.address) as rp, pytest.raises(ServerUnavailable, match="UNAUTHENTICATED"):
-            rp.info()
-        assert srv.rejected_auth >= 7
-    with pytest.raises(ServerConfigError, match="chmod 600"):
-        ServerConfig(token_file=str(token_file(tmp_path, mode=0o644))).check()
-
-
-def test_tls_round_trip_with_a_certificate_made_here(models, tmp_path):
-    ca, cert, key = make_tls(tmp_path)
-    tf = token_file(tmp_path)
-    with running(models, listen="127.0.0.1:0", tls_cert=str(cert), tls_key=str(key), token_file=str(tf)) as srv:
-        target = f"localhost:{srv.port}"
-        with RemoteProtector(target, token=tf.read_text().strip(), tls_ca=ca) as rp:
-            audio = speech(0.5)
-            r = rp.protect(audio, 16000, fast(iterations=1, seed=2))
-            assert r.audio.shape == audio.shape and 0 < np.abs(r.audio - audio).max() <= 0.002 + 1e-7
-        with RemoteProtector(target, token="x" * 20) as rp, pytest.raises(ServerUnavailable):
-            rp.info(timeout=3)  # plain-text client against a TLS server
-
-
-def test_listen_address_safety():
-    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("unix")
-    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
-    assert split_listen("[::1]:50051") == ("::1", 50051) and split_listen("unix:/tmp/x.sock") == ("unix", None)
-    with pytest.raises(ServerConfigError, match="without TLS"):
-        ServerConfig(listen="0.0.0.0:50051").check()
-    ServerConfig(listen="0.0.0.0:50051", insecure=True).check()
-    with pytest.raises(ServerConfigError, match="go together"):
-        ServerConfig(tls_cert="x.pem").check()
-    with pytest.raises(ServerConfigError, match="max-batch"):
-        ServerConfig(max_batch=0).check()
-
-
-def test_health_transitions_loading_serving_draining(models):
-    release = threading.Event()
-
-    def slow_loader():
-        release.wait(30)
-        return models
-
-    with running(loader=slow_loader) as srv, channel(srv) as c:
-        s = stub(c)
-        assert health_status(c) == NOT_SERVING
-        assert s.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).state == pb.SERVING_STATE_LOADING
-        h, data = header(speech(0.5), 16000, fast_settings(iterations=1))
-        got: list = []
-        t = threading.Thread(target=lambda: got.append(raw_protect(s, messages(h, data))))
-        t.start()
-        wait_for(lambda: srv.scheduler.snapshot()["queue_depth"] == 1)
-        release.set()
-        wait_for(lambda: health_status(c) == SERVING)
-        t.join(60)
-        events, code, _ = got[0]
-        assert code == grpc.StatusCode.OK
-        assert kinds(events)[:2] == ["accepted", "queued"] and events[1].queued.models_loading
-        srv.drain(timeout=1)
-        assert health_status(c) == NOT_SERVING
-        assert raw_protect(s, messages(h, data))[1] == grpc.StatusCode.UNAVAILABLE
-
-
+# ----------------------------------------------------------------------------------------------- metrics
 def test_metrics_endpoint(server, ch):
     h, data = header(speech(0.5), 16000, fast_settings(iterations=1))
     assert raw_protect(stub(ch), messages(h, data))[1] == grpc.StatusCode.OK
@@ -475,61 +321,3 @@ def test_metrics_endpoint(server, ch):
                  "cloak_batch_size_bucket", "cloak_device_memory_bytes"):
         assert name in text, name
     assert server.metrics.value("cloak_jobs_total", {"outcome": "succeeded"}) >= 1
-
-
-# --------------------------------------------------------------------------------------- load balancing
-def test_two_replicas_behind_round_robin_both_receive_work(models):
-    from grpc_health.v1 import health_pb2
-
-    with running(models) as a, running(models) as b:
-        target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
-        audio = speech(0.5)
-        with RemoteProtector(target) as rp:
-            rp.wait_ready()
-            time.sleep(0.3)  # let both subchannels connect and pass their health check
-            for seed in range(10):
-                rp.protect(audio, 16000, fast(iterations=1, seed=seed))
-                if seed >= 3 and a.scheduler.stats["succeeded"] and b.scheduler.stats["succeeded"]:
-                    break
-            assert a.scheduler.stats["succeeded"] >= 1 and b.scheduler.stats["succeeded"] >= 1
-            # health checking: a replica that reports NOT_SERVING gets no new work
-            for name in ("", "cloak.v1.CloakService"):
-                b.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-            time.sleep(1.0)  # the client's health watch hears it
-            before_a, before_b = a.scheduler.stats["succeeded"], b.scheduler.stats["succeeded"]
-            for seed in range(3):
-                rp.protect(audio, 16000, fast(iterations=1, seed=seed))
-            assert b.scheduler.stats["succeeded"] == before_b and a.scheduler.stats["succeeded"] == before_a + 3
-
-
-def test_batched_server_matches_engine_batching(models):
-    """max_batch=1 (no cross-job batching) gives exactly cloak.protect; the engine's batched run agrees."""
-    audio = speech(1.0)
-    jobs = [ProtectionJob(audio, 16000, models, fast(seed=s)) for s in (1, 2)]
-    run_jobs(jobs, max_batch=2)
-    with running(models, max_batch=1) as srv, RemoteProtector(srv.address) as rp:
-        out = rp.protect(audio, 16000, fast(seed=1)).audio
-    assert np.array_equal(out, protect(audio, 16000, models, fast(seed=1)).audio)
-    np.testing.assert_allclose(out, jobs[0].result().audio, atol=2e-6)
-
-
-def test_queued_stream_gets_heartbeats(models, monkeypatch):
-    import server.service
-
-    monkeypatch.setattr(server.service, "HEARTBEAT_S", 0.2)
-    with running(models, max_batch=1) as srv, channel(srv) as c:
-        s = stub(c)
-        call_a, _, job_a = _long_job(s)
-        h, data = header(speech(0.5), 16000, fast_settings(iterations=1))
-        call_b = s.Protect(iter(messages(h, data)))
-        got = []
-        for r in call_b:
-            got.append(r.event)
-            if len(got) == 4:
-                break
-        assert got[0].WhichOneof("kind") == "accepted" and len({e.job_id for e in got}) == 1
-        # the same state again while nothing changes, marked as a heartbeat
-        assert not got[0].heartbeat and all(e.heartbeat and e.accepted == got[0].accepted for e in got[1:])
-        call_a.cancel()
-        call_b.cancel()
-        wait_for(lambda: srv.scheduler.snapshot() == {"queue_depth": 0, "active_jobs": 0})

@@ -14,8 +14,8 @@ import pytest
 from google.protobuf import descriptor
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from test_server import bad_cases
 from test_server_helpers import (
+    bad_cases,
     bundle_models,
     channel,
     fast,

@@ -24,6 +24,7 @@ from server.gen import cloak_service_pb2 as pb
 from server.gen import cloak_service_pb2_grpc as pb_grpc
 
 FAST = dict(iterations=2, repeats=1, t_adv=2, source_frames=32, gender="male")
+SERVING, NOT_SERVING = 1, 2  # grpc.health.v1.HealthCheckResponse.ServingStatus
 
 
 def fast(**kw: Any) -> ProtectConfig:
@@ -39,6 +40,27 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread in a module that imports this fixture."""
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module", name="models")
+def models_fixture(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Any:
+    """The tiny bundle's models, once per module that imports this fixture."""
+    return bundle_models(tmp_path_factory.mktemp("server"))[0]
+
+
+@pytest.fixture(scope="module", name="ch")
+def ch_fixture(server: CloakServer) -> Iterator[grpc.Channel]:
+    """A channel to the module's `server` fixture."""
+    c = channel(server)
+    yield c
+    c.close()
 
 
 def bundle_models(tmp: Path) -> tuple[Any, Path]:
@@ -129,6 +151,80 @@ def result_audio(events: list[pb.JobEvent], shape: tuple[int, ...], encoding: st
     if encoding == "int16":
         return (np.frombuffer(data, "<i2").astype(np.float32) / 32768).reshape(shape)
     return np.frombuffer(data, "<f4").reshape(shape)
+
+
+def long_job(s: pb_grpc.CloakServiceStub, seconds: float = 1.0, **kw: Any) -> tuple[Any, Iterator[Any], str | None]:
+    """Start a job that runs for a long time; returns (call, its response iterator, job_id) once it is running."""
+    audio = speech(seconds)
+    h, data = header(audio, 16000, fast_settings(iterations=5000), **kw)
+    call = s.Protect(iter(messages(h, data)))
+    it = iter(call)
+    job_id = None
+    for r in it:
+        job_id = r.event.job_id
+        if r.event.WhichOneof("kind") == "progress":
+            break
+    return call, it, job_id
+
+
+def bad_cases() -> list[tuple[str, list[pb.ProtectRequest], str]]:
+    """Malformed Protect streams: (name, messages, what the INVALID_ARGUMENT details must contain)."""
+    audio = speech(0.5)
+    good_h, good = header(audio, 16000)
+
+    def h(**kw):
+        x = pb.ProtectHeader()
+        x.CopyFrom(good_h)
+        for k, v in kw.items():
+            setattr(x, k, v)
+        return x
+
+    def with_settings(**kw):
+        x = h()
+        x.settings.CopyFrom(fast_settings())
+        for k, v in kw.items():
+            if isinstance(v, list):
+                getattr(x.settings, k)[:] = v
+            else:
+                setattr(x.settings, k, v)
+        return x
+
+    nan = audio.copy()
+    nan[100] = np.nan
+    nan_h, nan_data = header(nan, 16000)
+    nine = np.zeros((8000, 9), np.float32)
+    nine_h, nine_data = header(nine, 16000)
+    return [
+        ("wrong sha", messages(h(sha256="0" * 64), good), "sha256 mismatch"),
+        ("bad sha format", messages(h(sha256="xyz"), good), "header.sha256"),
+        ("truncated stream", messages(good_h, good[:-400]), "truncated"),
+        ("too much pcm", messages(good_h, good + b"\0\0\0\0"), "more PCM than the header declares"),
+        ("zero frames", messages(h(frames=0), b""), "0 frames"),
+        ("too short", messages(h(frames=10), good[:40]), "at least 0.1 s"),
+        ("too long", messages(h(frames=16000 * 601), b""), "at most 600 s"),
+        ("NaN samples", messages(nan_h, nan_data), "NaN"),
+        ("9 channels", messages(nine_h, nine_data), "header.channels"),
+        ("rate too low", messages(h(sample_rate=7999), good), "header.sample_rate"),
+        ("rate too high", messages(h(sample_rate=192001), good), "header.sample_rate"),
+        ("no encoding", messages(h(encoding=pb.SAMPLE_ENCODING_UNSPECIFIED), good), "header.encoding"),
+        ("oversize chunk", [pb.ProtectRequest(header=h(frames=400_000, sha256="0" * 64)),
+                            pb.ProtectRequest(pcm=b"\0" * ((1 << 20) + 4))], "at most 1048576"),
+        ("no header", messages(None, good), "first message must be a ProtectHeader"),
+        ("empty stream", [], "empty request stream"),
+        ("two headers", [pb.ProtectRequest(header=good_h), pb.ProtectRequest(header=good_h)], "second ProtectHeader"),
+        ("empty message", [pb.ProtectRequest(header=good_h), pb.ProtectRequest()], "empty message"),
+        ("epsilon out of range", messages(with_settings(epsilon=0.5), good), "settings.epsilon"),
+        ("step above epsilon", messages(with_settings(step_size=0.01), good), "settings.step_size"),
+        ("iterations out of range", messages(with_settings(iterations=20000), good), "settings.iterations"),
+        ("three weights", messages(with_settings(weights=[1.0, 2.0, 3.0]), good), "settings.weights"),
+        ("negative weight", messages(with_settings(weights=[1.0, -2.0, 3.0, 4.0]), good), "settings.weights"),
+        ("NaN window", messages(with_settings(window_seconds=float("nan")), good), "settings.window_seconds"),
+        ("seed too big", messages(with_settings(seed=2**63), good), "settings.seed"),
+        ("unknown gender", messages(with_settings(gender=17), good), "settings.gender"),
+        ("unknown loss", messages(with_settings(losses=[9]), good), "settings.losses"),
+        ("wavlm missing", messages(with_settings(id_encoders=[pb.SPEAKER_ENCODER_WAVLM]), good),
+         "settings.id_encoders"),
+    ]
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
