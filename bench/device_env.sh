@@ -1,5 +1,6 @@
-# Sourced by the GPU scripts: pick the device's Python (python3 holds torch there), install the wheels its image
-# lacks from .whl/ (bench/fetch_wheels.sh; carried by the device tool) into /tmp/site, put the repo on the path.
+# Sourced by the GPU scripts: pick the GPU machine's Python (python3, or $PYTHON), install the wheels it lacks from
+# .whl/ (bench/fetch_wheels.sh, run where there is network; copy the folder along) into /tmp/site, put the repo on
+# the path.
 PY="${PYTHON:-python3}"
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

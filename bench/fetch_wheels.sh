@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download (here, where the package registry is reachable) the wheels the GPU machine lacks, into .whl/ (ignored by
 # git). The device image has torch, numpy, scipy, onnxruntime, prometheus-client, but not these. Its Python is 3.12.
-# Then name .whl in the device tool's `carry`; bench/gpu_check.sh and bench/gpu_train.sh install them from there.
+# Then copy .whl/ to the GPU machine with the repository; bench/gpu_check.sh and bench/gpu_train.sh install them from there.
 #   bash bench/fetch_wheels.sh            # all (~25 MB: the resemblyzer wheel carries GE2E's weights)
 #   bash bench/fetch_wheels.sh train      # only what training imports (~2 MB)
 set -euo pipefail

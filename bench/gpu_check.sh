@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU check (< 8 min): installs nothing from the internet, runs the GPU benchmarks, writes JSON
-# under $OUT (the device tool's result folder) or bench/results/. Run from the repository root on the GPU box:
+# One GPU check (< 8 min): installs nothing from the internet, runs the GPU benchmarks, writes JSON under $OUT
+# (default bench/results/). Run from the repository root on the GPU machine:
 #   bash bench/gpu_check.sh
-# Needs: torch with CUDA; the wheels the device image lacks, from `bash bench/fetch_wheels.sh` (carry .whl):
-#   device run: command "bash bench/gpu_check.sh", carry [".whl"]
+# Needs: torch with CUDA; wheels the machine lacks, from `bash bench/fetch_wheels.sh` run where there is network
+# (copy the .whl/ folder along).
 # Order = value: the issue-7 target (official-shaped, paper settings, 7 s, bf16) first, then the fp32 reference,
 # torch.compile, 8 jobs in one batch, and 8 concurrent clients through the gRPC server.
 set -uo pipefail

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Train cloak-mini's decoder on a GPU in one run, continuing the shipped checkpoint with the CPU recipe's loss at GPU
 # batch sizes (64 x 128 frames, bf16 autocast). The data travel as a pack file (no corpora on the GPU machine):
-#   here:   python -m cloak.train.mini --stage pack --pack runs/pack.pt && bash bench/fetch_wheels.sh train
-#   device: command "bash bench/gpu_train.sh", carry ["runs/pack.pt", ".whl"], timeout ~ MINUTES*60 + 120
+#   where the corpora are:  python -m cloak.train.mini --stage pack --pack runs/pack.pt && bash bench/fetch_wheels.sh train
+#   on the GPU machine (with runs/pack.pt and .whl/ copied along):  bash bench/gpu_train.sh   (~ MINUTES + 2 min)
 # It continues from INIT (default: the shipped checkpoint). To continue the CPU run instead (step 9,500, further on):
-#   here:   python -m cloak.train.mini --stage export --out runs/init.pt      (17 MB; carry it too, INIT=runs/init.pt)
-# Returns $OUT/cloak-mini-gpu.pt (EMA weights), the loss log and probe.json; then, here:
-#   mkdir -p /tmp/gpu && cp <files_at>/cloak-mini-gpu.pt /tmp/gpu/diffvc.pt
+#   python -m cloak.train.mini --stage export --out runs/init.pt      (17 MB; copy it too, INIT=runs/init.pt)
+# Writes $OUT/cloak-mini-gpu.pt (EMA weights), the loss log and probe.json; then, where the corpora are:
+#   mkdir -p /tmp/gpu && cp <OUT>/cloak-mini-gpu.pt /tmp/gpu/diffvc.pt
 #   python -m cloak.train.acceptance --models /tmp/gpu --pairs 2 --out runs/acceptance-gpu.json
 set -uo pipefail
 OUT="${OUT:-runs/gpu-out}"
