@@ -28,7 +28,7 @@ from .losses import (
 )
 from .models.diffvc_decoder import ScoreInternals
 from .models.ge2e import volume_gain
-from .perceptual import masking_threshold
+from .perceptual import masking_threshold, under_snr_floor
 from .pitch import DEFAULT_LOG_F0
 
 
@@ -212,6 +212,11 @@ class WindowAttack:
             logps.append(context_log_probs(summed_context(internals)))
             feats.append(internals.features)
         return torch.cat(logps), {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
+
+    def projected(self, delta: torch.Tensor) -> torch.Tensor:
+        """The last projection of every step (after the epsilon box): with the masking shaping, the SNR floor
+        (cloak.perceptual.under_snr_floor) against this window's clean audio; the paper's box has none."""
+        return delta if self.shaping_bound is None else under_snr_floor(self.x[0], delta)
 
     def adversarial(self, delta: torch.Tensor) -> torch.Tensor:
         if self.band_rate is not None:

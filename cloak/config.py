@@ -48,7 +48,9 @@ class ProtectConfig:
                  relative to the voice (scale the recording by g and it scales by g), so the cloak sits as far
                  under the voice on a quiet take as on a loud one; it follows the voice's spectrum (Bark
                  spreading, ~20 ms forward masking), leaves digital silence untouched and pauses nearly so.
-                 epsilon stays the hard l-infinity cap: |delta| <= epsilon still holds on every sample.
+                 epsilon stays the hard l-infinity cap: |delta| <= epsilon still holds on every sample. Last,
+                 delta is scaled down where needed so its power stays 34 dB under the window's
+                 (cloak.perceptual.SNR_FLOOR_DB): the bound sets the SNR only approximately.
                  "none": the paper's plain l-infinity PGD (sign steps in the epsilon box), the engine's
                  behaviour before the shaping (ENGINE_VERSION 2): a dense perturbation whose audibility
                  depends on the recording level (PESQ-WB 3.06 at -26 dBFS on a corpus reader) and fills pauses.

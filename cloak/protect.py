@@ -42,7 +42,7 @@ __all__ = ["ENGINE_VERSION", "ProtectionJob", "WindowAttack", "crossfade_weights
            "run_jobs", "step_groups", "unet_score", "voice_applicable", "window_plan", "within_budget"]
 
 # Changes whenever the same settings would give a different perturbation (caches of protected audio key on it).
-ENGINE_VERSION = "5: L_voice; the prior mean taken once per reference, shared by every term (rounding differs from 4)"
+ENGINE_VERSION = "6: the masking shaping holds an SNR floor of 34 dB per window (5: L_voice)"
 
 
 def within_budget(x: torch.Tensor, d: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,7 +67,7 @@ def pgd_step(jobs: list[ProtectionJob]) -> None:
                 d = job.delta + cfg.step_size * grad[j].sign()
             else:  # its analogue under the clean audio's masking threshold (cloak.perceptual), then the box
                 d = shaped_step(job.delta, grad[j], job.attack.shaping_bound, cfg.step_size / cfg.epsilon)
-            job.delta = within_budget(x, d, cfg.epsilon)
+            job.delta = job.attack.projected(within_budget(x, d, cfg.epsilon))
             job.after_step({k: v.detach() for k, v in losses[j].items()})  # tensors: no host sync per step
 
 
@@ -170,7 +170,7 @@ class ProtectionJob:
         d = ((torch.rand(x.shape[-1], generator=self.gen) * 2 - 1) * eps).to(x.device)
         if attack.shaping_bound is not None:
             d = project_spectral(d, attack.shaping_bound)
-        return within_budget(x, d, eps)
+        return attack.projected(within_budget(x, d, eps))
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs whose prepared windows have equal keys can share one U-Net batch. Call `prepare()` first: the key

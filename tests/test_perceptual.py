@@ -15,6 +15,7 @@ from cloak.evaluate.metrics import snr_db
 from cloak.features import DIFFVC_RATE
 from cloak.perceptual import (
     SHAPING_HOP,
+    SNR_FLOOR_DB,
     active_speech_level,
     excess_fraction,
     masking_threshold,
@@ -22,6 +23,7 @@ from cloak.perceptual import (
     scale_to_level,
     spreading_matrix,
     stft,
+    under_snr_floor,
 )
 
 FAST = dict(iterations=6, repeats=2, t_adv=3, source_frames=48, gender="male")
@@ -128,6 +130,31 @@ def test_projection_puts_delta_under_the_threshold(speech22):
     torch.testing.assert_close(small, 0.01 * shaped, rtol=0, atol=1e-6)
     twice = project_spectral(shaped, thr)
     assert float((twice - shaped).norm() / shaped.norm()) < 0.2
+
+
+def test_snr_floor_scales_only_a_delta_that_is_too_loud(speech22):
+    g = torch.Generator().manual_seed(1)
+    loud = 0.002 * torch.randn(speech22.shape, generator=g)
+    assert snr_db(speech22.numpy(), (speech22 + loud).numpy()) < SNR_FLOOR_DB
+    floored = under_snr_floor(speech22, loud)
+    assert snr_db(speech22.numpy(), (speech22 + floored).numpy()) == pytest.approx(SNR_FLOOR_DB, abs=1e-3)
+    torch.testing.assert_close(floored / floored.norm(), loud / loud.norm())  # the shape is kept
+    quiet = 0.1 * floored
+    assert under_snr_floor(speech22, quiet) is quiet
+    assert float(under_snr_floor(torch.zeros_like(speech22), loud).abs().max()) == 0.0  # digital silence: nothing
+
+
+def test_engine_meets_the_snr_floor_where_the_bound_alone_would_not(tiny_models):
+    """A margin that would put the cloak ~12 dB under the voice: the masking shaping still delivers its SNR floor
+    (after resampling to 44.1 kHz and cross-fading two windows); the paper's box has no floor."""
+    x, sr = corpus_clip("vctk_p226", 0, seconds=3.0)
+    x = to_rate(0.05 * x / np.abs(x).max(), sr, 44_100)
+    cfg = ProtectConfig(**FAST, step_size=4e-4, seed=3, masking_margin_db=12.0, masking_exponent=0.0,
+                        window_seconds=2.0, overlap_seconds=0.5)
+    shaped = protect(x, 44_100, tiny_models, cfg)
+    assert SNR_FLOOR_DB - 0.5 <= shaped.metrics["snr_db"] < SNR_FLOOR_DB + 3
+    assert np.abs(shaped.audio - x).max() <= cfg.epsilon + 1e-7
+    assert protect(x, 44_100, tiny_models, cfg.with_(shaping="none")).metrics["snr_db"] < SNR_FLOOR_DB - 3
 
 
 def test_shaping_settings_are_validated():
