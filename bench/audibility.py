@@ -108,6 +108,9 @@ def cpu_name() -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     data: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    if data.get("rows") and data.get("engine_version") != ENGINE_VERSION:
+        raise SystemExit(f"{out} holds rows of engine {data.get('engine_version')!r}, not {ENGINE_VERSION!r}: "
+                         "resuming would mix engines; give another --out")
     data.setdefault("rows", {})
     data.update({
         "what": "cloak audibility and GE2E effect per corpus speaker and active speech level "

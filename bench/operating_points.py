@@ -61,6 +61,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "id+voice box": {"losses": ("id", "voice"), "shaping": "none"},
     "id+voice box eps0.004": {"losses": ("id", "voice"), "shaping": "none", "epsilon": 0.004, "step_size": 8e-5},
     "id+voice box eps0.008": {"losses": ("id", "voice"), "shaping": "none", "epsilon": 0.008, "step_size": 1.6e-4},
+    "voice box": {"losses": ("voice",), "shaping": "none"},
+    "voice margin22": {"losses": ("voice",), "masking_margin_db": 22.0},
 }
 
 
