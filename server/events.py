@@ -12,8 +12,8 @@ from cloak import ProtectConfig
 
 
 class JobState(enum.IntEnum):
-    # the numbers are cloak.v1.JobState's, so that a record's state compares equal to the wire's (logs, older
-    # tests); server.events_pb still maps each state explicitly
+    # the numbers are cloak.v1.JobState's, so that a logged state reads the same as the wire's; server.events_pb
+    # still maps each state explicitly
     QUEUED = 1
     RUNNING = 2
     SUCCEEDED = 3

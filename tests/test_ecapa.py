@@ -260,9 +260,9 @@ def test_fbank_matches_numpy_on_corpus_speech(speech16k):
 
 def test_evaluate_uses_ecapa_from_the_bundle_as_primary_black_box_asv(tmp_path, speech16k):
     from cloak import ProtectConfig, load_models
+    from cloak.evaluate.encoders import ECAPA_THRESHOLD, build_encoders
     from cloak.evaluate.protocol import primary_encoder
     from cloak.evaluate.report import asv_thresholds
-    from cloak.evaluate.run import ECAPA_THRESHOLD, build_encoders
 
     bundle = make_bundle(tmp_path / "bundle", tame=True)
     models = load_models(bundle)

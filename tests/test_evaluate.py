@@ -88,7 +88,7 @@ def test_bootstrap_and_eer():
 
 def test_ge2e_eer_calibration_separates_speakers_on_corpus(corpus):
     from cloak.corpus import list_speakers
-    from cloak.evaluate.run import calibrate
+    from cloak.evaluate.calibration import calibrate
     from cloak.models import GE2E
 
     enc = M.GE2EEncoder(GE2E.load())

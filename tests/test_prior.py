@@ -131,9 +131,9 @@ def embedded():
 def test_every_loss_term_reaches_the_reference_through_the_shipped_model(embedded, corpus):
     """With the embedded cloak-mini 2, each term has a gradient with respect to the reference samples, and the
     prior's path is part of it: the attention-context and semantic terms are not zero at a random start."""
+    from cloak.attack import WindowAttack, objective
     from cloak.config import ProtectConfig
     from cloak.features import resample
-    from cloak.protect import WindowAttack, objective
 
     assert embedded.prior is not None
     x, sr = corpus_clip("vctk_p226", 0, seconds=2.0)
@@ -165,9 +165,9 @@ def test_voice_term_pulls_from_the_first_step_and_moves_the_clone_voice(embedded
     """L_voice (GE2E on the prior's mean) is at its minimum-free start at delta = 0, so unlike L_ctx it has a
     gradient there; a few sign steps raise it, i.e. the voice the prior renders for the surrogate sources moves away
     from the clean reference's (the quantity the clone's identity follows with this model)."""
+    from cloak.attack import WindowAttack, objective
     from cloak.config import ProtectConfig
     from cloak.features import resample
-    from cloak.protect import WindowAttack, objective
 
     x, sr = corpus_clip("librispeech_1998", 0, seconds=2.5)
     x22 = resample(torch.from_numpy(x), sr, DIFFVC_RATE)

@@ -17,7 +17,7 @@ from test_server_helpers import bundle_models, fast, one_thread, running, speech
 from clients.cli import main
 from clients.remote import RemoteProtector
 from cloak import Cancelled, CancelToken, protect
-from server.gen import cloak_service_pb2 as pb
+from server.events import JobState
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,7 +58,7 @@ def test_cancel_token_stops_the_job_on_the_server(server):
     with RemoteProtector(server.address) as rp, pytest.raises(Cancelled):
         rp.protect(speech(1.0), 16000, fast(iterations=5000), progress=lambda p: token.cancel(), cancel=token)
     wait_for(lambda: server.scheduler.snapshot()["active_jobs"] == 0)
-    cancelled = [r for r in server.scheduler.finished.values() if r.state == pb.JOB_STATE_CANCELLED]
+    cancelled = [r for r in server.scheduler.finished.values() if r.state == JobState.CANCELLED]
     assert cancelled and cancelled[-1].job is None
 
 
@@ -152,7 +152,7 @@ def test_dropped_connection_reattaches_to_the_running_job(server, models_and_bun
         r = rp.protect(audio, 16000, cfg, progress=progress)
     assert np.array_equal(r.audio, protect(audio, 16000, models_and_bundle[0], cfg).audio)
     rec = server.scheduler.get(r.job_id)
-    assert rec.state == pb.JOB_STATE_SUCCEEDED and rec.attaches >= 1  # it was followed again by id
+    assert rec.state == JobState.SUCCEEDED and rec.attaches >= 1  # it was followed again by id
 
 
 def test_cli_remote_mode_json(server, tmp_path: Path, capsys):

@@ -50,13 +50,13 @@ from ..corpus import Speaker, list_speakers
 from ..files import finite_json, jsonable, read_json, write_json
 from ..jobs import Cancelled, CancelToken
 from ..models.ecapa import ECAPA_THRESHOLD  # the paper's ASV acceptance threshold (ECAPA-TDNN cosine)
-from ..models.verifier import VerifierLoadError, load_verifier
 from ..protect import ENGINE_VERSION
 from . import metrics as M
+from .calibration import calibrate
+from .encoders import build_encoders
 from .plan import Utterance, duration, pick_sources, pick_utterances, safe_name, select_speakers, stable_seed
 from .protocol import (
     DEFAULT_QUALITY_THRESHOLD,
-    NOT_CONFIGURED,
     QUALITY_WHY,
     QUICK,
     QUICK_PROTECT,
@@ -100,52 +100,6 @@ def engine_protect(models: Models) -> ProtectFn:
 
 def _digest(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=jsonable).encode()).hexdigest()[:n]
-
-
-# ----------------------------------------------------------------------------------------------- encoders
-
-
-def build_encoders(models: Models, cfg: ProtectConfig) -> tuple[list[M.SpeakerEncoder], dict[str, Any]]:
-    """Speaker encoders for ASV, and a description of each (available or why not)."""
-    encoders: list[M.SpeakerEncoder] = [M.GE2EEncoder(models.ge2e, models.device, white_box=True)]
-    id_on = "id" in cfg.losses
-    info: dict[str, Any] = {
-        "ge2e": {"available": True, "white_box": True, "checksum": models.ge2e.checksum,
-                 "note": "white-box: DiffVC's own speaker conditioning, which the cloak differentiates through"
-                         + (" and the L_ID encoder" if id_on and "ge2e" in cfg.id_encoders else "")},
-    }
-    if models.wavlm is not None:
-        wb = id_on and "wavlm" in cfg.id_encoders
-        encoders.append(M.WavLMEncoder(models.wavlm, models.device, white_box=wb))
-        info["wavlm"] = {"available": True, "white_box": wb, "checksum": getattr(models.wavlm, "checksum", None),
-                         "note": "WavLM-SV (bundle wavlm-sv/)" + (", used by L_ID: white-box" if wb else
-                                                                  ", not used by the cloak: black-box")}
-    else:
-        info["wavlm"] = {"available": False, "reason": "not configured: the model bundle has no wavlm-sv/ directory"}
-    ecapa = getattr(models, "ecapa", None)
-    if ecapa is not None:
-        encoders.append(M.EcapaEncoder(ecapa, models.device, white_box=False))
-        info["ecapa"] = {"available": True, "white_box": False, "checksum": getattr(ecapa, "checksum", None),
-                         "threshold": ECAPA_THRESHOLD, "fixed_threshold": ECAPA_THRESHOLD,
-                         "note": "ECAPA-TDNN speechbrain/spkrec-ecapa-voxceleb (bundle ecapa/, native port), not "
-                                 "used by the cloak: black-box; the paper's fixed threshold, cosine >= 0.25 accepts"}
-    else:
-        info["ecapa"] = {"available": False, "reason": NOT_CONFIGURED["ecapa"], "threshold": ECAPA_THRESHOLD}
-    try:
-        verifier = load_verifier(device=models.device)
-    except (FileNotFoundError, VerifierLoadError) as e:
-        info["verifier"] = {"available": False, "reason": f"not available: {e}"}
-    else:
-        encoders.append(M.VerifierEncoder(verifier, models.device, white_box=False))
-        cal = verifier.calibration
-        info["verifier"] = {
-            "available": True, "white_box": False, "checksum": verifier.checksum,
-            "threshold": verifier.threshold, "fixed_threshold": verifier.threshold,
-            "threshold_source": f"shipped with the weights: EER threshold ({100 * float(cal['eer']):.1f} % EER) on "
-                                f"{cal.get('data', 'held-out corpus-train speakers')}, trial: {cal.get('trial')}",
-            "note": f"the shipped speaker verifier (ECAPA-TDNN, {verifier.config.channels} channels, trained on "
-                    "corpus-train only, disjoint from the evaluation speakers), not used by the cloak: black-box"}
-    return encoders, info
 
 
 # --------------------------------------------------------------------------------------------------- runner
@@ -421,43 +375,6 @@ class Evaluation:
                               time.perf_counter() - t_start)
         write_outputs(report, s.out_dir, example=example, plots=s.plots)
         return report
-
-
-def calibrate(encoders: list[str], emb: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
-    """EER threshold per encoder from clean trials: each utterance against the leave-one-out enrollment of its own
-    speaker (target) and against the enrollment of every other speaker (non-target).
-    `emb` = {speaker: {file: {encoder: embedding}}}."""
-    result: dict[str, Any] = {}
-    for name in encoders:
-        per_spk = {s: [v[name] for v in files.values()] for s, files in emb.items() if files}
-        tar: list[float] = []
-        non: list[float] = []
-        full = {s: M.enrollment(v) for s, v in per_spk.items()}
-        for s, vecs in per_spk.items():
-            for i, v in enumerate(vecs):
-                if len(vecs) > 1:
-                    tar.append(M.cosine(v, M.enrollment([w for j, w in enumerate(vecs) if j != i])))
-                non.extend(M.cosine(v, full[t]) for t in per_spk if t != s)
-        entry: dict[str, Any] = {"trial": "utterance vs leave-one-out enrollment (mean of L2-normalised "
-                                          "embeddings of the speaker's other clean files)",
-                                 "speakers": len(per_spk), "files": sum(len(v) for v in per_spk.values()),
-                                 "target_scores": summarize_plain(tar), "nontarget_scores": summarize_plain(non),
-                                 "target": tar, "nontarget": non}
-        if tar and non:
-            entry.update(M.compute_eer(tar, non).to_dict())
-        else:
-            entry.update({"eer": None, "threshold": None,
-                          "reason": "needs >= 2 speakers and a speaker with >= 2 files"})
-        result[name] = entry
-    return result
-
-
-def summarize_plain(values: list[float]) -> dict[str, Any]:
-    a = np.asarray(values, np.float64)
-    if a.size == 0:
-        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
-    return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
-            "max": float(a.max())}
 
 
 def evaluate(settings: EvalSettings, models: Models, cancel: CancelToken | None = None,
