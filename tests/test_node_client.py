@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import make_bundle
-from test_server_helpers import fast, speech, wait_for
-from test_server_process import Served
+from test_server_helpers import fast, speech
+from test_server_process import served_tiny
 
 from clients.remote import RemoteProtector
 
@@ -49,14 +48,7 @@ def _run_node(node: str, address: str, *args: str, timeout: float = 180) -> subp
 
 def test_node_client_gets_the_python_clients_bytes(tmp_path, corpus):
     node = _node()
-    bundle = make_bundle(tmp_path / "bundle")
-    srv = Served(["--listen", "127.0.0.1:0", "--models", str(bundle), "--threads", "1", "--precision", "fp32",
-                  "--max-batch", "1"])
-    try:
-        listening = wait_for(lambda: srv.first("listening") or (srv.proc.poll() is not None and {"dead": True}),
-                             timeout=60)
-        assert "dead" not in listening, "\n".join(srv.lines)
-        address = f"127.0.0.1:{listening['port']}"
+    with served_tiny(tmp_path) as (srv, address):
         audio = speech(0.6)
         pcm16 = np.round(audio * 32767).astype(np.int16)
         stereo = speech(0.5, 22050, channels=2)
@@ -94,7 +86,3 @@ def test_node_client_gets_the_python_clients_bytes(tmp_path, corpus):
         big = _run_node(node, address, "--chunk-bytes", str(5 << 20), "--retries", "5", "--settings",
                         json.dumps(NODE_SETTINGS), str(long), str(tmp_path / "big.wav"), timeout=60)
         assert big.returncode == 3 and "without RetryInfo" in big.stderr and "retrying" not in big.stderr, big.stderr
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
-            srv.proc.wait(10)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -62,6 +64,23 @@ class Served:
 
     def first(self, event: str) -> dict | None:
         return next((e for e in self.events() if e.get("event") == event), None)
+
+
+@contextlib.contextmanager
+def served_tiny(tmp_path: Path) -> Iterator[tuple[Served, str]]:
+    """A real `cloak serve` on 127.0.0.1 with the tiny test bundle (fp32, one thread, no batching), and its
+    address; killed on exit."""
+    srv = Served(["--listen", "127.0.0.1:0", "--models", str(make_bundle(tmp_path / "bundle")), "--threads", "1",
+                  "--precision", "fp32", "--max-batch", "1"])
+    try:
+        listening = wait_for(lambda: srv.first("listening") or (srv.proc.poll() is not None and {"dead": True}),
+                             timeout=60)
+        assert "dead" not in listening, "\n".join(srv.lines)
+        yield srv, f"127.0.0.1:{listening['port']}"
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait(10)
 
 
 def test_cloak_serve_subprocess_cli_remote_and_sigterm_drain(tmp_path, corpus, monkeypatch):

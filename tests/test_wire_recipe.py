@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_bundle
-from test_server_helpers import fast, speech, wait_for
-from test_server_process import Served
+from test_server_helpers import fast, speech
+from test_server_process import served_tiny
 
 from clients.remote import RemoteProtector
 
@@ -42,14 +41,7 @@ def _recipe(address: str, rate: int, channels: int, src: Path, out: Path, settin
 
 def test_shell_recipe_gets_the_python_clients_samples(tmp_path):
     _tools()
-    bundle = make_bundle(tmp_path / "bundle")
-    srv = Served(["--listen", "127.0.0.1:0", "--models", str(bundle), "--threads", "1", "--precision", "fp32",
-                  "--max-batch", "1"])
-    try:
-        listening = wait_for(lambda: srv.first("listening") or (srv.proc.poll() is not None and {"dead": True}),
-                             timeout=60)
-        assert "dead" not in listening, "\n".join(srv.lines)
-        address = f"127.0.0.1:{listening['port']}"
+    with served_tiny(tmp_path) as (srv, address):
         samples = np.round(speech(0.6, 22050, channels=2) * 32767).astype(np.int16)
         src = tmp_path / "take.raw"
         samples.astype("<i2").tofile(src)
@@ -74,7 +66,3 @@ def test_shell_recipe_gets_the_python_clients_samples(tmp_path):
         odd.write_bytes(b"\0" * 6)
         r = _recipe(address, 22050, 2, odd, bad, "{}")
         assert r.returncode == 2 and "whole number" in r.stderr and not bad.exists()
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
-            srv.proc.wait(10)
