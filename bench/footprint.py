@@ -27,6 +27,7 @@ import soundfile as sf
 
 from cloak.evaluate.metrics import to_rate
 from cloak.perceptual import scale_to_level
+from cloak.protect import ENGINE_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
@@ -87,7 +88,7 @@ def main() -> None:
             clip = Path(tmp) / f"clip{seconds:g}.wav"
             make_clip(seconds, clip)
             row = {"seconds": seconds, "threads": args.threads, **run_one(clip, Path(tmp) / "out.wav", args.threads),
-                   "date": datetime.now(UTC).isoformat(timespec="seconds")}
+                   "engine": ENGINE_VERSION, "date": datetime.now(UTC).isoformat(timespec="seconds")}
             data["rows"][f"{seconds:g}s-{args.threads}t"] = row
             out.write_text(json.dumps(data, indent=1) + "\n")
             print(f"{seconds:g} s, {args.threads} thread(s): {row['wall_s']:.0f} s, peak RSS "
