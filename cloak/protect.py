@@ -32,14 +32,15 @@ from .audio import fit_to_budget, validate_samples
 from .bundle import BundleError, Models
 from .config import ProtectConfig
 from .early_stop import AttackerCheck, unavailable_reason
-from .features import DIFFVC_HOP, DIFFVC_RATE, resample
+from .features import DIFFVC_HOP, DIFFVC_RATE, resample, resampled_length
 from .jobs import Cancelled, CancelToken, Progress, ProgressFn, ProtectResult
 from .perceptual import project_spectral, shaped_step
 
 # The engine's API. objective, unet_score and voice_applicable are cloak.attack's; server/ and bench/ import them
 # from here, the engine's front door.
-__all__ = ["ENGINE_VERSION", "ProtectionJob", "WindowAttack", "crossfade_weights", "objective", "pgd_step", "protect",
-           "run_jobs", "step_groups", "unet_score", "voice_applicable", "window_plan", "within_budget"]
+__all__ = ["ENGINE_VERSION", "ProtectionJob", "WindowAttack", "crossfade_weights", "objective", "pgd_step", "plan_size",
+           "protect", "run_jobs", "step_groups", "unet_score", "voice_applicable", "window_plan", "window_samples",
+           "within_budget"]
 
 # Changes whenever the same settings would give a different perturbation (caches of protected audio key on it).
 ENGINE_VERSION = "6: the masking shaping holds an SNR floor of 34 dB per window (5: L_voice)"
@@ -82,6 +83,21 @@ def window_plan(n: int, window: int, overlap: int) -> list[tuple[int, int]]:
     return [(s, s + window) for s in sorted(set(starts))]
 
 
+def window_samples(cfg: ProtectConfig) -> int:
+    """Length of a window at 22.05 kHz: `window_seconds` in whole mel frames, at least 32 frames."""
+    return max(DIFFVC_HOP * 32, int(cfg.window_seconds * DIFFVC_RATE) // DIFFVC_HOP * DIFFVC_HOP)
+
+
+def plan_size(frames: int, sample_rate: int, cfg: ProtectConfig) -> tuple[int, int]:
+    """(windows, samples per attacked window at 22.05 kHz) of a job on `frames` frames at `sample_rate`, without
+    the audio: what a scheduler needs for its time and memory estimates. A clip shorter than a window is one window
+    of its own length (at least 16 mel frames: `ProtectionJob.prepare` pads shorter ones)."""
+    n22 = resampled_length(frames, sample_rate, DIFFVC_RATE)
+    window = window_samples(cfg)
+    plan = window_plan(n22, window, int(cfg.overlap_seconds * DIFFVC_RATE))
+    return len(plan), window if len(plan) > 1 else max(n22, DIFFVC_HOP * 16)
+
+
 def crossfade_weights(plan: list[tuple[int, int]], n: int) -> list[torch.Tensor]:
     """Per-window weights that sum to one everywhere: linear ramps where windows overlap."""
     cover = torch.zeros(n, dtype=torch.float64)
@@ -94,7 +110,11 @@ def crossfade_weights(plan: list[tuple[int, int]], n: int) -> list[torch.Tensor]
             raw[i - 1][-ov:] = 1.0 - ramp
     for (a, b), w in zip(plan, raw, strict=True):
         cover[a:b] += w
-    assert torch.allclose(cover, torch.ones_like(cover)), "cross-fade weights must sum to one"
+    if not torch.allclose(cover, torch.ones_like(cover)):
+        # the last window, moved back to end at the clip's end, can reach into the window before its neighbour
+        # (e.g. 19-20 s clips at the defaults): three windows overlap there and the pairwise ramps do not sum to
+        # one, so every window's weight is divided by their sum (all positive, so still a convex combination)
+        raw = [w / cover[a:b] for (a, b), w in zip(plan, raw, strict=True)]
     return [w.float() for w in raw]
 
 
@@ -120,8 +140,7 @@ class ProtectionJob:
         mono = self.samples if self.samples.ndim == 1 else self.samples.mean(axis=1)
         self.x22 = resample(torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)), sample_rate, DIFFVC_RATE)
         n22 = self.x22.shape[-1]
-        window = max(DIFFVC_HOP * 32, int(self.cfg.window_seconds * DIFFVC_RATE) // DIFFVC_HOP * DIFFVC_HOP)
-        self.plan = window_plan(n22, window, int(self.cfg.overlap_seconds * DIFFVC_RATE))
+        self.plan = window_plan(n22, window_samples(self.cfg), int(self.cfg.overlap_seconds * DIFFVC_RATE))
         self.weights = crossfade_weights(self.plan, n22)
         self.delta22 = torch.zeros(n22)
         self.window = 0

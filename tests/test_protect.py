@@ -8,7 +8,15 @@ import torch
 from conftest import corpus_clip, to_rate
 
 from cloak import AudioError, Cancelled, CancelToken, ConfigError, ProtectConfig, protect
-from cloak.protect import ProtectionJob, crossfade_weights, run_jobs, step_groups, window_plan
+from cloak.protect import (
+    ProtectionJob,
+    crossfade_weights,
+    plan_size,
+    run_jobs,
+    step_groups,
+    window_plan,
+    window_samples,
+)
 
 FAST = dict(iterations=6, repeats=2, t_adv=3, source_frames=48, gender="male")
 
@@ -58,6 +66,20 @@ def test_seed_makes_runs_bit_identical(tiny_models):
     assert a.shape == x.shape
 
 
+@pytest.mark.parametrize(("seconds", "rate", "window", "overlap"), [
+    (0.2, 16000, 10.0, 1.0), (3.0, 44100, 10.0, 1.0), (25.0, 48000, 10.0, 1.0), (12.345, 22050, 4.0, 1.5),
+    (61.0, 8000, 2.0, 0.0), (19.5, 44100, 10.0, 1.0)])  # 19-20 s clips at the defaults: three windows overlap
+def test_plan_size_is_the_jobs_plan(tiny_models, seconds, rate, window, overlap):
+    """What a scheduler estimates from a header alone is the plan the job then runs."""
+    cfg = ProtectConfig(window_seconds=window, overlap_seconds=overlap)
+    frames = int(seconds * rate)
+    job = ProtectionJob(np.zeros(frames, np.float32), rate, tiny_models, cfg)
+    windows, length = plan_size(frames, rate, cfg)
+    assert windows == len(job.plan)
+    a, b = job.plan[0]
+    assert length == max(b - a, 256 * 16)
+
+
 def test_long_clip_is_windowed_and_crossfaded(tiny_models):
     parts = [corpus_clip("librispeech_1688", i)[0] for i in (2, 3, 4)]
     x = np.concatenate(parts)
@@ -73,15 +95,31 @@ def test_long_clip_is_windowed_and_crossfaded(tiny_models):
     assert all(np.abs(d[i * quarter:(i + 1) * quarter]).max() > 0 for i in range(4))
 
 
-def test_crossfade_weights_partition_unity():
-    plan = window_plan(1000, 300, 50)
-    assert plan[0][0] == 0 and plan[-1][1] == 1000
-    w = crossfade_weights(plan, 1000)
-    total = torch.zeros(1000)
+@pytest.mark.parametrize(("n", "window", "overlap"), [
+    (1000, 300, 50),
+    (1901, 1000, 100),  # the last window reaches into the first: three overlap (19.01 s at the defaults' ratio)
+    (1501, 1000, 500), (2603, 700, 350)])
+def test_crossfade_weights_partition_unity(n, window, overlap):
+    plan = window_plan(n, window, overlap)
+    assert plan[0][0] == 0 and plan[-1][1] == n
+    w = crossfade_weights(plan, n)
+    total = torch.zeros(n)
     for (a, b), wi in zip(plan, w, strict=True):
         total[a:b] += wi
-        assert (wi >= 0).all() and (wi <= 1).all()
-    assert torch.allclose(total, torch.ones(1000))
+        assert (wi > 0).all() and (wi <= 1).all()
+    assert torch.allclose(total, torch.ones(n))
+
+
+def test_every_clip_length_gets_a_plan_whose_weights_sum_to_one():
+    """Window plans of clips of 18-21 s in 10 ms steps at the defaults (19-20 s clips used to fail here)."""
+    cfg = ProtectConfig()
+    window, overlap = window_samples(cfg), int(cfg.overlap_seconds * 22050)
+    for n in range(18 * 22050, 21 * 22050, 221):
+        plan = window_plan(n, window, overlap)
+        total = torch.zeros(n, dtype=torch.float64)
+        for (a, b), wi in zip(plan, crossfade_weights(plan, n), strict=True):
+            total[a:b] += wi.double()
+        assert torch.allclose(total, torch.ones(n, dtype=torch.float64), atol=1e-6), n
 
 
 def test_cancel_stops_within_an_iteration(tiny_models):
