@@ -8,24 +8,18 @@ The estimate (bytes), measured with VmHWM on CPU (`python -m server.memory` prin
     upload       PCM bytes as received + the float32 samples they become
     job          float32 samples (4 per sample) + 64 per sample for the protected output, the checks and the
                  wire encoding (72 for int16, whose on-grid rounding works in float64) + 48 per sample of the
-                 22.05 kHz mono mix (delta, cross-fade weights, resampling)
-    U-Net        on CPU (on CUDA only the constant: the rest is device memory), for the embedded model
-                 (dec_dim 32), in MiB: 1.25 x (72 + 35.4 W + 15.7 R W + 1.02 R S + 0.047 P S + 3.64 R), W window
-                 seconds, R repeats, S source_frames, P the pool of draws (2 max(repeats, t_adv), a multiple of
-                 t_adv): a least-squares fit over 20 runs (repeats 1-16, t_adv 2-8, source_frames 32-512,
-                 windows 2-20 s) whose largest under-estimate was 19 %; all but the constant scaled by
-                 dec_dim / 32 for other models, and by 0 on CUDA (the constant is host-side overhead). Jobs
-                 batched together add up.
+                 22.05 kHz mono mix (delta, cross-fade weights, resampling), + the engine's estimate of its attack
+                 (cloak.footprint.attack_bytes: the U-Net's activations and draws). Jobs batched together add up.
 The peak is the larger of the upload and the job; the budget is that of the whole server.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 
-from cloak.features import DIFFVC_HOP, DIFFVC_RATE
+from cloak.features import DIFFVC_RATE, resampled_length
+from cloak.footprint import activation_scale, attack_bytes
 
 from . import codec
 from .upload import Upload
@@ -34,7 +28,6 @@ MIB = 1 << 20
 PER_SAMPLE_OUT = 64  # bytes per input sample (frames x channels) while the result is made and encoded
 PER_SAMPLE_OUT_INT16 = 72
 PER_SAMPLE_22K = 48  # bytes per sample of the 22.05 kHz mono mix
-UNET_MARGIN = 1.25  # the fit's largest under-estimate was 19 %
 
 
 @dataclass(frozen=True)
@@ -49,37 +42,16 @@ class Estimate:
         return max(self.upload, self.job)
 
 
-def pool_size(repeats: int, t_adv: int) -> int:
-    base = 2 * max(repeats, t_adv)
-    return math.ceil(base / t_adv) * t_adv
-
-
-def estimate(up: Upload, unet_scale: float = 1.0) -> Estimate:
-    """Peak host memory of an upload and of its job; unet_scale 0 when the U-Net runs on a GPU."""
-    cfg = up.config
+def estimate(up: Upload, scale: float = 1.0) -> Estimate:
+    """Peak host memory of an upload and of its job; `scale` from cloak.footprint.activation_scale (0 when the
+    U-Net runs on a GPU)."""
     samples = up.frames * up.channels
-    n22 = math.ceil(up.frames * DIFFVC_RATE / up.sample_rate)
-    window = max(DIFFVC_HOP * 32, int(cfg.window_seconds * DIFFVC_RATE) // DIFFVC_HOP * DIFFVC_HOP)
-    w = min(n22, window) / DIFFVC_RATE
-    p = pool_size(cfg.repeats, cfg.t_adv)
-    r, sf = cfg.repeats, cfg.source_frames
-    unet = int(UNET_MARGIN * MIB * (72 + unet_scale * (35.4 * w + 15.7 * r * w + 1.02 * r * sf + 0.047 * p * sf
-                                                       + 3.64 * r)))
+    n22 = resampled_length(up.frames, up.sample_rate, DIFFVC_RATE)
+    unet = attack_bytes(up.frames, up.sample_rate, up.config, scale)
     out = PER_SAMPLE_OUT_INT16 if up.encoding == "int16" else PER_SAMPLE_OUT
     data = 4 * samples + out * samples + PER_SAMPLE_22K * n22
     upload = up.nbytes + 4 * samples
     return Estimate(upload, data + unet, unet, "settings.repeats" if unet > data else "header.frames")
-
-
-def unet_scale(models: object | None) -> float:
-    """Activation scale of a model bundle relative to the embedded one (0 on CUDA: not host memory)."""
-    if models is None:
-        return 1.0
-    device = getattr(models, "device", None)
-    if getattr(device, "type", "cpu") == "cuda":
-        return 0.0
-    dec_dim = getattr(getattr(getattr(models, "diffvc", None), "config", None), "dec_dim", 32)
-    return max(0.25, float(dec_dim) / 32.0)
 
 
 def fmt(n: int) -> str:
@@ -141,7 +113,7 @@ def measure(models_dir: str | None, seconds: float, rate: int, channels: int, re
     if channels == 1:
         audio = audio[:, 0]
     up = Upload(rate, channels, frames, encoding, hashlib.sha256(b"").hexdigest(), cfg)
-    est = estimate(up, unet_scale(models))
+    est = estimate(up, activation_scale(models))
     base = _proc_status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

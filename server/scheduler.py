@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from cloak.bundle import Models
+from cloak.footprint import activation_scale
 
 from . import logs, memory
 from .config import ServerConfig
@@ -430,7 +431,7 @@ class Scheduler:
 
     # --- the memory budget (server.memory) -----------------------------------------------------------------
     def memory_estimate(self, upload: Upload) -> memory.Estimate:
-        return memory.estimate(upload, memory.unet_scale(self.models))
+        return memory.estimate(upload, activation_scale(self.models))
 
     def take_memory(self, n: int) -> bool:
         """Hold n bytes of the budget, dropping kept results (oldest first) if that makes room."""
