@@ -176,7 +176,7 @@ def report(data: dict[str, Any], md_path: Path) -> str:
                   "| speaker | level (dBFS) | s | SNR (dB) | PESQ-WB | STOI | GE2E drop | loss gain | goal |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in sorted(cr, key=lambda r: (r["speaker"], r["level_dbfs"])):
-            w = dict(zip(("id", "ctx", "score", "sem"), cfg["weights"], strict=True))
+            w = ProtectConfig.from_dict(cfg).loss_weights  # 4 weights in results written before L_voice
             loss = sum(w[k] * (v - r["losses_start"][k]) for k, v in r["losses_end"].items())
             ok = (r["pesq_wb"] or 0) >= PESQ_GOAL and r["snr_db"] >= SNR_GOAL
             lines.append(f"| {r['speaker']} | {r['level_dbfs']:g} | {r['seconds']:.1f} | {r['snr_db']:.1f} | "
