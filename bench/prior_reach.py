@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from cloak.audio import read_audio, to_mono, to_rate
+from cloak.audio import read_audio, to_mono
 from cloak.bundle import Models, load_models
 from cloak.clone import LOG_FLOOR_NAT, mel_spectral_subtraction, reference_embedding
 from cloak.corpus import list_speakers
+from cloak.evaluate import metrics as M
 from cloak.features import DIFFVC_RATE, diffvc_mel, resample
 from cloak.models.dnsmos import DNSMOS
 from cloak.models.prior import SpeakerCondition
@@ -78,18 +79,17 @@ def manipulations() -> dict[str, Callable[[SpeakerCondition], SpeakerCondition]]
 class Scorer:
     def __init__(self) -> None:
         self.models: Models = load_models(precision="fp32")
-        self.verifier = load_verifier()
+        self.verifier = M.VerifierEncoder(load_verifier())
         self.dnsmos = DNSMOS(threads=1)
         self.speakers = {s.name: s for s in list_speakers(CORPUS)}
 
-    def embed(self, wave: np.ndarray, sr: int) -> torch.Tensor:
-        w = torch.from_numpy(to_rate(wave, sr, 16_000))[None]
-        return torch.nn.functional.normalize(self.verifier.embed(w)[0], dim=0)
+    def embed(self, wave: np.ndarray, sr: int) -> np.ndarray:
+        """The verifier's embedding as `cloak evaluate` scores it (its resampler, its encoder wrapper)."""
+        return self.verifier.embed(M.to_rate(wave, sr, 16_000))
 
-    def enrollment(self, name: str, skip: Path) -> torch.Tensor:
-        e = [self.embed(to_mono(a.samples), a.sample_rate)
-             for a in (read_audio(f) for f in self.speakers[name].files if f != skip)]
-        return torch.nn.functional.normalize(torch.stack(e).mean(0), dim=0)
+    def enrollment(self, name: str, skip: Path) -> np.ndarray:
+        return M.enrollment([self.embed(to_mono(a.samples), a.sample_rate)
+                             for a in (read_audio(f) for f in self.speakers[name].files if f != skip)])
 
     def condition(self, wave: np.ndarray, sr: int) -> tuple[SpeakerCondition, torch.Tensor, torch.Tensor]:
         w22 = resample(torch.from_numpy(np.ascontiguousarray(wave, np.float32)), sr, DIFFVC_RATE)[None]
@@ -122,7 +122,7 @@ class Scorer:
             out = np.clip(mel[0].numpy(), LOG_FLOOR_NAT, 10.0)
             wave = m.vocoder()(torch.from_numpy(mel_spectral_subtraction(out, out))[None])[0].numpy()
             rows.append({"kind": "sensitivity", "reference": reference, "source": source, "change": name,
-                         "verifier": float(self.embed(wave, DIFFVC_RATE) @ enroll),
+                         "verifier": M.cosine(self.embed(wave, DIFFVC_RATE), enroll),
                          "ovrl": self.dnsmos(wave, DIFFVC_RATE)["ovrl"]})
             print(rows[-1], flush=True)
         return rows

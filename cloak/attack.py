@@ -28,7 +28,7 @@ from .losses import (
 )
 from .models.diffvc_decoder import ScoreInternals
 from .models.ge2e import volume_gain
-from .perceptual import masking_threshold, under_snr_floor
+from .perceptual import masking_threshold, snr_floor_power, under_snr_floor
 from .pitch import DEFAULT_LOG_F0
 
 
@@ -117,6 +117,8 @@ class WindowAttack:
             self.shaping_bound = masking_threshold(self.x[0], DIFFVC_RATE, cfg.masking_margin_db,
                                                    exponent=cfg.masking_exponent) \
                 if cfg.shaping == "masking" else None
+            # and the SNR floor it holds (cloak.perceptual.under_snr_floor), from the same clean audio
+            self.snr_allowed = snr_floor_power(self.x[0]) if self.shaping_bound is not None else None
         self.order = torch.randperm(self.pool.t.shape[0], generator=gen).to(self.dev)
 
     def _identity_targets(self, gen: torch.Generator) -> None:
@@ -216,7 +218,7 @@ class WindowAttack:
     def projected(self, delta: torch.Tensor) -> torch.Tensor:
         """The last projection of every step (after the epsilon box): with the masking shaping, the SNR floor
         (cloak.perceptual.under_snr_floor) against this window's clean audio; the paper's box has none."""
-        return delta if self.shaping_bound is None else under_snr_floor(self.x[0], delta)
+        return delta if self.snr_allowed is None else under_snr_floor(delta, self.snr_allowed)
 
     def adversarial(self, delta: torch.Tensor) -> torch.Tensor:
         if self.band_rate is not None:

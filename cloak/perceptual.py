@@ -215,13 +215,20 @@ def shaped_step(delta: torch.Tensor, grad: torch.Tensor, bound: torch.Tensor, re
     return istft(spec * scale, delta.shape[-1], n_fft, hop)
 
 
-def under_snr_floor(x: torch.Tensor, delta: torch.Tensor, floor_db: float = SNR_FLOOR_DB) -> torch.Tensor:
-    """`delta` scaled down, where needed, so that its power is at least `floor_db` under the power of `x` (both (N,));
-    unchanged where it already is. A uniform scale keeps delta's shape (under the masking bound and the epsilon box,
-    which it only tightens) and moves x + delta toward x, so full scale still holds."""
-    allowed = float(x.double().square().sum()) * 10.0 ** (-floor_db / 10.0)
-    power = float(delta.double().square().sum())
-    return delta * math.sqrt(allowed / power) if power > allowed else delta
+def snr_floor_power(x: torch.Tensor, floor_db: float = SNR_FLOOR_DB) -> torch.Tensor:
+    """The most power (sum of squares, a float64 scalar on x's device) a perturbation of `x` may have: `floor_db`
+    under x's own."""
+    return x.double().square().sum() * 10.0 ** (-floor_db / 10.0)
+
+
+def under_snr_floor(delta: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """`delta` scaled down, where needed, so that its power is at most `allowed` (`snr_floor_power`); unchanged
+    (scale exactly 1) where it already is. A uniform scale keeps delta's shape (under the masking bound and the
+    epsilon box, which it only tightens) and moves x + delta toward x, so full scale still holds. Stays on the
+    device: no host synchronisation in the PGD step."""
+    power = delta.double().square().sum()
+    scale = torch.sqrt(allowed / power.clamp_min(1e-300)).clamp(max=1.0)
+    return delta * scale.to(delta.dtype)
 
 
 def excess_fraction(delta: torch.Tensor, bound: torch.Tensor, n_fft: int = SHAPING_N_FFT,
@@ -236,5 +243,5 @@ def excess_fraction(delta: torch.Tensor, bound: torch.Tensor, n_fft: int = SHAPI
 
 
 __all__ = ["active_speech_level", "scale_to_level", "spreading_matrix", "masking_threshold", "project_spectral",
-           "shaped_step", "under_snr_floor", "excess_fraction", "SNR_FLOOR_DB", "stft", "istft", "SHAPING_N_FFT",
-           "SHAPING_HOP"]
+           "shaped_step", "snr_floor_power", "under_snr_floor", "excess_fraction", "SNR_FLOOR_DB", "stft", "istft",
+           "SHAPING_N_FFT", "SHAPING_HOP"]

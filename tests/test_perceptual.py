@@ -21,6 +21,7 @@ from cloak.perceptual import (
     masking_threshold,
     project_spectral,
     scale_to_level,
+    snr_floor_power,
     spreading_matrix,
     stft,
     under_snr_floor,
@@ -136,12 +137,15 @@ def test_snr_floor_scales_only_a_delta_that_is_too_loud(speech22):
     g = torch.Generator().manual_seed(1)
     loud = 0.002 * torch.randn(speech22.shape, generator=g)
     assert snr_db(speech22.numpy(), (speech22 + loud).numpy()) < SNR_FLOOR_DB
-    floored = under_snr_floor(speech22, loud)
+    allowed = snr_floor_power(speech22)
+    floored = under_snr_floor(loud, allowed)
     assert snr_db(speech22.numpy(), (speech22 + floored).numpy()) == pytest.approx(SNR_FLOOR_DB, abs=1e-3)
     torch.testing.assert_close(floored / floored.norm(), loud / loud.norm())  # the shape is kept
     quiet = 0.1 * floored
-    assert under_snr_floor(speech22, quiet) is quiet
-    assert float(under_snr_floor(torch.zeros_like(speech22), loud).abs().max()) == 0.0  # digital silence: nothing
+    assert torch.equal(under_snr_floor(quiet, allowed), quiet)  # already under the floor: bit for bit unchanged
+    assert torch.equal(under_snr_floor(torch.zeros_like(loud), allowed), torch.zeros_like(loud))
+    silence = snr_floor_power(torch.zeros_like(speech22))  # digital silence: no perturbation at all
+    assert float(under_snr_floor(loud, silence).abs().max()) == 0.0
 
 
 def test_engine_meets_the_snr_floor_where_the_bound_alone_would_not(tiny_models):
