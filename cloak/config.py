@@ -31,7 +31,7 @@ class ProtectConfig:
     t_adv        number of initial sampler grid points (of a T=100 grid) that diffusion times are drawn from.
     weights      (lambda_id, lambda_ctx, lambda_score, lambda_sem, lambda_voice); four numbers are the paper's
                  terms with lambda_voice at its default (settings written before L_voice keep working).
-    seed         makes a CPU run bit-reproducible.
+    seed         makes a one-thread CPU run bit-reproducible (with several threads the last bits can differ).
     id_encoders  speaker encoder(s) for L_ID: "ge2e", "wavlm" (needs a WavLM-SV model in the bundle).
     gender       the protected speaker's sex, picks the opposite-gender centroid; "auto" classifies it.
     losses       which terms are on (ablation); the weights of the others are ignored. "voice" (not the paper's,

@@ -103,7 +103,8 @@ def register_protect(subparsers: Any) -> argparse.ArgumentParser:
                    help="CPU threads for torch (default in fp32: the cores other processes leave free now, at least "
                         "1; in bf16, whose results depend on the thread count: all cores; $OMP_NUM_THREADS when set; "
                         "on 2 cores, 2 threads were 1.6x faster than 1 when idle and 8-10x slower when another "
-                        "process kept one core busy: pass --threads 1 on a busy machine)")
+                        "process kept one core busy: pass --threads 1 on a busy machine, or where identical files "
+                        "matter: only one-thread runs are bit-reproducible for certain)")
     add_config_flags(p)
     add_remote_args(p)
     return p
@@ -190,9 +191,10 @@ def run_protect(args: argparse.Namespace) -> int:
         from cloak.bundle import resolve_precision
         from cloak.cpu import default_threads
 
-        # fp32 results do not depend on the thread count, so a busy core need not get a thread (see --help); bf16
-        # autocast results do (oneDNN splits its bf16 reductions by thread), so there the count stays fixed (all
-        # cores) and the same command and seed keep giving the same bytes
+        # fp32 results depend on the thread count only in the last bits (and with two threads runs were measured to
+        # differ that much now and then: only --threads 1 is bit-reproducible for certain), so a busy core need not
+        # get a thread (see --help); bf16 autocast results depend on it more (oneDNN splits its bf16 reductions by
+        # thread), so there the count stays fixed (all cores)
         if resolve_precision(settings.precision, torch.device("cpu")) == "fp32":
             threads = default_threads()
     if threads is not None:
