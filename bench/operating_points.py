@@ -36,6 +36,7 @@ from cloak.clone import clone
 from cloak.config import ProtectConfig
 from cloak.corpus import list_speakers
 from cloak.evaluate.metrics import pesq_wb
+from cloak.evaluate.transforms import TRANSFORMS
 from cloak.features import GE2E_RATE, resample
 from cloak.models.dnsmos import DNSMOS
 from cloak.models.ge2e import volume_gain
@@ -63,6 +64,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "id+voice box eps0.008": {"losses": ("id", "voice"), "shaping": "none", "epsilon": 0.008, "step_size": 1.6e-4},
     "voice box": {"losses": ("voice",), "shaping": "none"},
     "voice margin22": {"losses": ("voice",), "masking_margin_db": 22.0},
+    "default voice x10": {"weights": (1.0, 4.5, 10.0, 0.85, 10.0)},
+    "voice eot": {"losses": ("voice",), "eot": ("mp3", "resample", "gain")},
+    "voice eot mp3": {"losses": ("voice",), "eot": ("mp3",)},
 }
 
 
@@ -91,32 +95,36 @@ class Scorer:
         return tuple(torch.nn.functional.normalize(torch.stack([e[i] for e in embs]).mean(0), dim=0)
                      for i in (0, 1))  # type: ignore[return-value]
 
-    def run(self, setting: str, reference: str) -> dict[str, Any]:
+    def run(self, setting: str, reference: str, transform: str | None = None) -> dict[str, Any]:
         ref_file = self.speakers[reference].files[0]
         audio = read_audio(ref_file)
         x = to_mono(audio.samples)[: 5 * audio.sample_rate]
         t0 = time.perf_counter()
         y = x if setting == "clean" else protect(x, audio.sample_rate, self.models, config_of(setting)).audio
         seconds = time.perf_counter() - t0
+        received = y if transform is None else TRANSFORMS[transform](y, audio.sample_rate)
         enroll_ref = self.enrollment(reference, ref_file)
         clones = []
         for source in REFERENCES[reference]:
             src_file = self.speakers[source].files[1]
             s = read_audio(src_file)
-            c = clone(s.samples, s.sample_rate, y, audio.sample_rate, self.models, steps=30, seed=0)
+            c = clone(s.samples, s.sample_rate, received, audio.sample_rate, self.models, steps=30, seed=0)
             ge2e, ver = self.embed(c.audio, c.sample_rate)
             enroll_src = self.enrollment(source, src_file)
             clones.append({"source": source, "ge2e_ref": float(ge2e @ enroll_ref[0]),
                            "ge2e_src": float(ge2e @ enroll_src[0]), "ver_ref": float(ver @ enroll_ref[1]),
                            "ver_src": float(ver @ enroll_src[1]), "ovrl": self.dnsmos(c.audio, c.sample_rate)["ovrl"]})
         diff = float(np.sum((y.astype(np.float64) - x) ** 2))
-        return {"setting": setting, "reference": reference, "protect_seconds": seconds, "clones": clones,
+        return {"setting": setting, "reference": reference, "transform": transform, "protect_seconds": seconds,
+                "clones": clones,
                 "snr_db": 10 * math.log10(float(np.sum(x.astype(np.float64) ** 2)) / max(diff, 1e-20)),
                 "pesq_wb": None if setting == "clean" else pesq_wb(x, y, audio.sample_rate)}
 
 
-def table(record: dict[str, Any]) -> str:
-    rows = record["rows"]
+def table(record: dict[str, Any], transform: str | None = None) -> str:
+    """The table of the clones made from references that went through `transform` (None: as delivered); the
+    clean rows are the clean references through the same transform."""
+    rows = [r for r in record["rows"] if r.get("transform") == transform]
     threshold = record["verifier_threshold"]
     clean = {r["reference"]: r for r in rows if r["setting"] == "clean"}
     out = ["| setting | refs | GE2E clone→speaker | Δ | verifier clone→speaker | Δ | verifier accepts | clone closer "
@@ -149,6 +157,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names (default all)")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--transform", choices=sorted(TRANSFORMS), default=None,
+                   help="clone from the protected (and clean) references after this transform, e.g. mp3_64")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown table from the JSON")
     a = p.parse_args()
     out = Path(a.out)
@@ -162,12 +172,12 @@ def main() -> None:
         record.update({"engine": ENGINE_VERSION, "model": scorer.models.diffvc_id, "precision": scorer.models.precision,
                        "machine": platform.processor() or platform.machine(),
                        "verifier_threshold": scorer.verifier.threshold})
-        done = {(r["setting"], r["reference"]) for r in record["rows"]}
+        done = {(r["setting"], r["reference"], r.get("transform")) for r in record["rows"]}
         for name in ["clean", *[n for n in names if n != "clean"]]:
             for ref in REFERENCES:
-                if (name, ref) in done:
+                if (name, ref, a.transform) in done:
                     continue
-                row = scorer.run(name, ref)
+                row = scorer.run(name, ref, a.transform)
                 row["created"] = datetime.now(UTC).isoformat(timespec="seconds")
                 record["rows"].append(row)
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +185,10 @@ def main() -> None:
                 print(f"{name:28} {ref:18} PESQ {row['pesq_wb'] or 0:.2f} SNR {row['snr_db']:.1f} "
                       + " ".join(f"ver {c['ver_ref']:.3f} ge2e {c['ge2e_ref']:.3f}" for c in row["clones"]), flush=True)
     md = out.with_suffix(".md")
-    md.write_text("# Operating points against the embedded attacker (tuning speakers)\n\n" + table(record))
+    transforms = sorted({r.get("transform") for r in record["rows"]} - {None})
+    md.write_text("# Operating points against the embedded attacker (tuning speakers)\n\n" + table(record) + "".join(
+        f"\n## References through {t} before cloning ({TRANSFORMS[t].description})\n\n" + table(record, t)
+        for t in transforms))
     print(md.read_text())
 
 

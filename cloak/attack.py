@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import eot
 from .bundle import BundleError, Models
 from .config import LOSS_NAMES, ProtectConfig
 from .features import DIFFVC_HOP, DIFFVC_RATE, GE2E_RATE, diffvc_mel, ge2e_frames_from_diffvc_mel, resample
@@ -30,6 +31,8 @@ from .models.diffvc_decoder import ScoreInternals
 from .models.ge2e import volume_gain
 from .perceptual import masking_threshold, snr_floor_power, under_snr_floor
 from .pitch import DEFAULT_LOG_F0
+
+NO_TRANSFORM = eot.Draw("none")
 
 
 @dataclass
@@ -120,6 +123,9 @@ class WindowAttack:
             # and the SNR floor it holds (cloak.perceptual.under_snr_floor), from the same clean audio
             self.snr_allowed = snr_floor_power(self.x[0]) if self.shaping_bound is not None else None
         self.order = torch.randperm(self.pool.t.shape[0], generator=gen).to(self.dev)
+        # expectation over transformation (cloak.eot): drawn last, so a job without it draws what it always did
+        self.sample_rate = sample_rate
+        self.eot_plan = eot.with_ge2e_gains(eot.draw_plan(cfg.eot, cfg.iterations, gen), x16)
 
     def _identity_targets(self, gen: torch.Generator) -> None:
         """The opposite-sex centroid(s) L_ID pulls toward, one speaker drawn per window."""
@@ -227,6 +233,14 @@ class WindowAttack:
             delta = torch.nn.functional.pad(delta, (0, max(0, n - delta.shape[-1])))[..., :n]
         return (self.x + delta).clamp(-1.0, 1.0)
 
+    def eot_draw(self, iteration: int) -> eot.Draw:
+        """The transform (cloak.eot) of this iteration's step; "none" without EOT."""
+        return self.eot_plan[iteration % len(self.eot_plan)] if self.eot_plan else NO_TRANSFORM
+
+    def as_received(self, x_adv: torch.Tensor, draw: eot.Draw) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adversarial window (N,) as the attacker gets it after `draw`, and its GE2E input gain (1,)."""
+        return eot.apply(draw, x_adv, self.gain_t, self.sample_rate)
+
     def next_indices(self, iteration: int) -> torch.Tensor:
         """Pool draws of one iteration: a fixed per-window permutation walked `repeats` at a time."""
         p = self.pool.t.shape[0]
@@ -234,16 +248,19 @@ class WindowAttack:
         return self.order[start:start + self.cfg.repeats]
 
 
-def objective(attacks: list[WindowAttack], deltas: torch.Tensor,
-              idxs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+def objective(attacks: list[WindowAttack], deltas: torch.Tensor, idxs: list[torch.Tensor],
+              draws: list[eot.Draw] | None = None) -> list[dict[str, torch.Tensor]]:
     """Every loss term (unweighted) of several windows (of any jobs with equal window length) at their
     perturbations `deltas` (J, N) on their pool draws: one GE2E/encoder batch of J, one U-Net batch of sum(R).
-    Jobs do not interact (no batch statistics anywhere), so each job's gradient is its own."""
+    `draws`: each window's transform of this step (cloak.eot; default none). Jobs do not interact (no batch
+    statistics anywhere), so each job's gradient is its own."""
     a0 = attacks[0]
     m, dev = a0.m, a0.dev
-    x_adv = torch.cat([a.adversarial(d[None]) for a, d in zip(attacks, deltas, strict=True)])
+    received = [a.as_received(a.adversarial(d[None])[0], draw)
+                for a, d, draw in zip(attacks, deltas, draws or [NO_TRANSFORM] * len(attacks), strict=True)]
+    x_adv = torch.stack([r[0] for r in received])
     x16 = resample(x_adv, DIFFVC_RATE, GE2E_RATE)
-    gains = torch.cat([a.gain_t for a in attacks])[:, None]
+    gains = torch.cat([r[1] for r in received])[:, None]
     c = m.ge2e.embed(x16 * gains)
     out: list[dict[str, torch.Tensor]] = [{} for _ in attacks]
     want = {k: any(a.weights[k] > 0 for a in attacks) for k in LOSS_NAMES}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
@@ -12,6 +13,8 @@ PAPER_LOSSES: tuple[str, ...] = ("id", "ctx", "score", "sem")
 # "voice" is not the paper's: it attacks the speaker-adaptive prior of cloak-mini 2 (see ProtectConfig's docstring)
 LOSS_NAMES: tuple[str, ...] = (*PAPER_LOSSES, "voice")
 DEFAULT_WEIGHTS: tuple[float, ...] = (1.0, 4.5, 10.0, 0.85, 1.0)
+# what the expectation over transformation can draw (cloak.eot; kept here so that settings check without torch)
+EOT_NAMES: tuple[str, ...] = ("mp3", "resample", "gain")
 
 
 class ConfigError(ValueError):
@@ -69,6 +72,11 @@ class ProtectConfig:
                  under the bound) instead of zero: the usual PGD random start. L_ctx is a divergence at its minimum
                  at delta = 0, so it has no gradient there (bench/term_gradients.py); off by default (no measured
                  gain against the embedded attacker, whose voice the U-Net terms do not reach).
+    eot          expectation over transformation (cloak.eot): transforms a published file may go through before a
+                 cloner reads it, one drawn per PGD step (or none, uniformly) and applied to the protected window
+                 before the models see it: "mp3" (64/96/128 kb/s, straight-through gradient), "resample" (16 kHz
+                 and back), "gain" (+-3 dB). Empty (default): the file as delivered. Each adds the transform's cost
+                 to a step (an MP3 round trip of a 7 s window: ~0.1 s on a laptop core).
     early_stop   end a window early once the attacker's clone fails (see cloak.early_stop; off by default):
                  checked every `early_stop_every` iterations; met when the clone's GE2E similarity to the
                  speaker dropped by `early_stop_identity_drop` vs a clean clone AND its DNSMOS OVRL is below
@@ -97,6 +105,7 @@ class ProtectConfig:
     early_stop_identity_drop: float = 0.15
     early_stop_quality: float = 2.5
     random_start: bool = False
+    eot: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         weights = tuple(float(w) for w in self.weights)
@@ -105,6 +114,9 @@ class ProtectConfig:
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "id_encoders", tuple(self.id_encoders))
         object.__setattr__(self, "losses", tuple(self.losses))
+        if isinstance(self.eot, str):  # tuple("mp3") would be ("m", "p", "3")
+            raise ConfigError(f"eot must be a list of transform names ({', '.join(EOT_NAMES)}), got {self.eot!r}")
+        object.__setattr__(self, "eot", tuple(dict.fromkeys(self.eot)))
         self.validate()
 
     def validate(self) -> None:
@@ -139,6 +151,9 @@ class ProtectConfig:
               f"masking_exponent must be in [0, 1], got {self.masking_exponent}")
         check(isinstance(self.early_stop, bool), f"early_stop must be true or false, got {self.early_stop!r}")
         check(isinstance(self.random_start, bool), f"random_start must be true or false, got {self.random_start!r}")
+        check(set(self.eot) <= set(EOT_NAMES), f"eot must be a subset of {EOT_NAMES}, got {self.eot}")
+        check("mp3" not in self.eot or importlib.util.find_spec("lameenc") is not None,
+              "eot mp3 needs the MP3 encoder lameenc: pip install lameenc")
         check(1 <= self.early_stop_every <= 10_000, f"early_stop_every must be in [1, 10000], got "
               f"{self.early_stop_every}")
         check(0.0 <= self.early_stop_identity_drop <= 2.0,

@@ -57,7 +57,8 @@ def pgd_step(jobs: list[ProtectionJob]) -> None:
     attacks = [j.attack for j in jobs]
     deltas = torch.stack([j.delta for j in jobs]).requires_grad_(True)
     idxs = [a.next_indices(j.iteration) for a, j in zip(attacks, jobs, strict=True)]
-    losses = objective(attacks, deltas, idxs)
+    draws = [a.eot_draw(j.iteration) for a, j in zip(attacks, jobs, strict=True)]
+    losses = objective(attacks, deltas, idxs, draws)
     total = sum(sum(a.weights[k] * v for k, v in ls.items()) for a, ls in zip(attacks, losses, strict=True))
     grad, = torch.autograd.grad(total, deltas)
     with torch.no_grad():

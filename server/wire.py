@@ -31,11 +31,13 @@ ENCODER_ENUM = {v: k for k, v in ENCODERS.items()}
 LOSSES = {pb.LOSS_TERM_ID: "id", pb.LOSS_TERM_CTX: "ctx", pb.LOSS_TERM_SCORE: "score", pb.LOSS_TERM_SEM: "sem",
           pb.LOSS_TERM_VOICE: "voice"}
 LOSS_ENUM = {v: k for k, v in LOSSES.items()}
+EOTS = {pb.EOT_TRANSFORM_MP3: "mp3", pb.EOT_TRANSFORM_RESAMPLE: "resample", pb.EOT_TRANSFORM_GAIN: "gain"}
+EOT_ENUM = {v: k for k, v in EOTS.items()}
 # ProtectConfig fields carried as optional scalars of the same name
 SCALAR_FIELDS = ("epsilon", "step_size", "iterations", "repeats", "t_adv", "seed", "source_frames", "window_seconds",
                  "overlap_seconds", "inference_steps", "early_stop", "early_stop_every", "early_stop_identity_drop",
                  "early_stop_quality", "shaping", "masking_margin_db", "masking_exponent", "random_start")
-ENUM_FIELDS = ("weights", "id_encoders", "gender", "losses")
+ENUM_FIELDS = ("weights", "id_encoders", "gender", "losses", "eot")
 # Loss weights: sign-PGD is invariant to a common scale, but float32 is not: a weight of 1e308 turns the loss into
 # inf (NaN gradient, no step) and one of 5e-324 into 0 (zero gradient, no step). Both came back "OK" with an
 # unchanged output, so weights are held to a range where every loss term keeps its gradient.
@@ -88,6 +90,11 @@ def settings_to_config(s: pb.ProtectSettings) -> ProtectConfig:
         if bad:
             raise InvalidInput(f"settings.losses: unknown value(s) {bad}; use LOSS_TERM_ID/_CTX/_SCORE/_SEM/_VOICE")
         values["losses"] = tuple(dict.fromkeys(LOSSES[e] for e in s.losses))
+    if len(s.eot):
+        bad = [e for e in s.eot if e not in EOTS]
+        if bad:
+            raise InvalidInput(f"settings.eot: unknown value(s) {bad}; use EOT_TRANSFORM_MP3/_RESAMPLE/_GAIN")
+        values["eot"] = tuple(dict.fromkeys(EOTS[e] for e in s.eot))
     try:
         cfg = ProtectConfig(**values)
     except ConfigError as e:
@@ -108,6 +115,7 @@ def config_to_settings(cfg: ProtectConfig) -> pb.ProtectSettings:
         id_encoders=[ENCODER_ENUM[e] for e in cfg.id_encoders],
         gender=GENDER_ENUM[cfg.gender],
         losses=[LOSS_ENUM[k] for k in cfg.losses],
+        eot=[EOT_ENUM[k] for k in cfg.eot],
     )
     for name in SCALAR_FIELDS:
         setattr(s, name, getattr(cfg, name))

@@ -54,6 +54,7 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "early_stop_identity_drop": (0.3, {"early_stop": True}),
     "early_stop_quality": (3.0, {"early_stop": True}),
     "random_start": (True, {}),
+    "eot": (("mp3", "gain"), {"iterations": 2}),
 }
 FIELDS = [f.name for f in dataclasses.fields(ProtectConfig)]
 # a WavLM-SV of the microsoft/wavlm-base-plus-sv layout, a few thousand weights

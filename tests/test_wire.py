@@ -23,7 +23,7 @@ NON_DEFAULT: dict[str, Any] = {
     "seed": 9, "id_encoders": ("wavlm", "ge2e"), "gender": "female", "losses": ("id", "sem"), "source_frames": 48,
     "window_seconds": 3.0, "overlap_seconds": 0.5, "inference_steps": 50, "early_stop": True, "early_stop_every": 3,
     "early_stop_identity_drop": 0.25, "early_stop_quality": 3.0, "shaping": "none", "masking_margin_db": 30.0,
-    "masking_exponent": 0.75, "random_start": True,
+    "masking_exponent": 0.75, "random_start": True, "eot": ("resample", "mp3"),
 }
 
 
@@ -52,6 +52,8 @@ def test_bad_settings_name_the_field():
         wire.settings_to_config(pb.ProtectSettings(epsilon=5.0))
     with pytest.raises(wire.InvalidInput, match=r"settings\.weights\[4\] \(voice\)"):
         wire.settings_to_config(pb.ProtectSettings(weights=[1, 1, 1, 1, 1e9]))
+    with pytest.raises(wire.InvalidInput, match=r"settings\.eot: unknown value"):
+        wire.settings_to_config(pb.ProtectSettings(eot=[pb.EOT_TRANSFORM_MP3, 7]))
     with pytest.raises(wire.InvalidInput, match=r"settings\.weights must be empty .* got 3"):
         wire.settings_to_config(pb.ProtectSettings(weights=[1, 1, 1]))
     # four numbers (a client written before L_voice): the voice weight keeps its default

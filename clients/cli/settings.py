@@ -289,6 +289,8 @@ _FIELD_HELP: dict[str, tuple[str | None, str]] = {
                                       "clone (default 0.15)"),
     "early_stop_quality": ("MOS", "early stop: the clone's DNSMOS OVRL must be below this (default 2.5)"),
     "random_start": (None, "start PGD from a random perturbation inside the bound instead of zero (off by default)"),
+    "eot": ("LIST", "optimise for the file as a cloner may get it: comma-separated subset of mp3 (64-128 kb/s), "
+                    "resample (16 kHz and back), gain (+-3 dB), one drawn per step (default none)"),
 }
 
 

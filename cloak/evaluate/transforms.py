@@ -14,12 +14,12 @@ Every transform maps mono float32 audio at rate `sr` to audio of the same length
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..mp3 import fit_length, mp3_roundtrip
 from .metrics import to_rate
 
 
@@ -36,43 +36,6 @@ class Transform:
         y = np.asarray(self.fn(x, int(sr), int(seed)), np.float32)
         y = fit_length(y, x.size)
         return np.clip(np.nan_to_num(y), -1.0, 1.0).astype(np.float32)
-
-
-def fit_length(y: np.ndarray, n: int) -> np.ndarray:
-    if y.size >= n:
-        return y[:n]
-    return np.pad(y, (0, n - y.size))
-
-
-def _best_lag(x: np.ndarray, y: np.ndarray, max_lag: int) -> int:
-    """The delay (0..max_lag samples) of y relative to x maximising their cross-correlation (FFT)."""
-    from scipy.signal import fftconvolve
-
-    n = min(x.size, y.size - max_lag) if y.size > max_lag else 0
-    if n <= 0:
-        return 0
-    corr = fftconvolve(y[: n + max_lag], x[:n][::-1], mode="valid")  # corr[k] = sum_i y[i + k] x[i]
-    return int(np.argmax(corr[: max_lag + 1]))
-
-
-def mp3_roundtrip(x: np.ndarray, sr: int, kbps: int) -> np.ndarray:
-    """Encode with LAME (lameenc) at `kbps` CBR and decode back with libsndfile, aligned to the input."""
-    import lameenc
-    import soundfile as sf
-
-    enc = lameenc.Encoder()
-    enc.set_bit_rate(int(kbps))
-    enc.set_in_sample_rate(int(sr))
-    enc.set_channels(1)
-    enc.set_quality(2)
-    pcm = (np.clip(x, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
-    data = bytes(enc.encode(pcm)) + bytes(enc.flush())
-    y, out_sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
-    if y.ndim > 1:
-        y = y.mean(axis=1)
-    y = to_rate(y, int(out_sr), sr)
-    lag = _best_lag(x, y, max_lag=min(4 * 1152 + 529, max(y.size - 1, 0)))
-    return y[lag:]
 
 
 def resample_roundtrip(x: np.ndarray, sr: int, rate: int) -> np.ndarray:
