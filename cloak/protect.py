@@ -43,7 +43,7 @@ __all__ = ["ENGINE_VERSION", "ProtectionJob", "WindowAttack", "crossfade_weights
            "within_budget"]
 
 # Changes whenever the same settings would give a different perturbation (caches of protected audio key on it).
-ENGINE_VERSION = "6: the masking shaping holds an SNR floor of 34 dB per window (5: L_voice)"
+ENGINE_VERSION = "7: lambda_voice 10 by default, fused Mish (6: SNR floor of 34 dB per window; 5: L_voice)"
 
 
 def within_budget(x: torch.Tensor, d: torch.Tensor, eps: float) -> torch.Tensor:

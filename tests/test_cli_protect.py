@@ -224,7 +224,7 @@ def test_settings_precedence(tmp_path: Path, speech: np.ndarray, monkeypatch: py
 
     rec = effective()  # default config file
     assert (rec["config"]["iterations"], rec["config"]["seed"], rec["models_dir"]) == (7, 5, "/from/toml")
-    assert rec["config"]["weights"] == [1.0, 2.0, 3.0, 4.0, 1.0]  # four numbers: lambda_voice keeps its default
+    assert rec["config"]["weights"] == [1.0, 2.0, 3.0, 4.0, 10.0]  # four numbers: lambda_voice keeps its default
     assert rec["config"]["id_encoders"] == ["ge2e"]
     monkeypatch.setenv("CLOAK_MODELS", "/from/env")
     rec = effective("--seed", "9")  # env beats the file, flags beat both

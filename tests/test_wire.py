@@ -57,7 +57,7 @@ def test_bad_settings_name_the_field():
     with pytest.raises(wire.InvalidInput, match=r"settings\.weights must be empty .* got 3"):
         wire.settings_to_config(pb.ProtectSettings(weights=[1, 1, 1]))
     # four numbers (a client written before L_voice): the voice weight keeps its default
-    assert wire.settings_to_config(pb.ProtectSettings(weights=[1, 2, 3, 4])).weights == (1.0, 2.0, 3.0, 4.0, 1.0)
+    assert wire.settings_to_config(pb.ProtectSettings(weights=[1, 2, 3, 4])).weights == (1.0, 2.0, 3.0, 4.0, 10.0)
 
 
 def test_pcm_round_trips_in_both_encodings():

@@ -69,7 +69,7 @@ settings: flags > environment ({ENV_MODELS}) > config file > defaults. Config fi
 (epsilon, step_size, iterations, ..., plus models and device), e.g. in TOML:
     epsilon = 0.003
     iterations = 100
-    weights = [1.0, 4.5, 10.0, 0.85, 1.0]
+    weights = [1.0, 4.5, 10.0, 0.85, 10.0]
     id_encoders = ["ge2e"]
 
 progress: bars on a terminal, plain log lines on stderr otherwise; --json prints one JSON object per file on

@@ -265,7 +265,7 @@ _FIELD_HELP: dict[str, tuple[str | None, str]] = {
     "repeats": ("N", "gradient repeats per iteration, batched (default 5)"),
     "t_adv": ("N", "diffusion time steps the attack draws from (default 6)"),
     "weights": ("W", "loss weights lambda_id lambda_ctx lambda_score lambda_sem lambda_voice "
-                     "(default 1 4.5 10 0.85 1)"),
+                     "(default 1 4.5 10 0.85 10)"),
     "seed": ("N", "random seed; one-thread CPU runs are bit-reproducible (default 0)"),
     "id_encoders": ("LIST", "speaker encoder(s) for the identity loss: ge2e or ge2e,wavlm (default ge2e)"),
     "gender": (None, "the speaker's sex, picks the opposite-gender target (default auto = classify)"),
