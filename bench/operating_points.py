@@ -54,6 +54,7 @@ REFERENCES = {"librispeech_1998": ("librispeech_533", "librispeech_3331"),
 SETTINGS: dict[str, dict[str, Any]] = {
     "clean": {},
     "default": {},
+    "lambda_voice 1": {"weights": (1.0, 4.5, 10.0, 0.85, 1.0)},  # the default before engine 7
     "paper": {"preset": "paper"},
     "voice": {"losses": ("voice",)},
     "id": {"losses": ("id",)},
@@ -64,7 +65,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "id+voice box eps0.008": {"losses": ("id", "voice"), "shaping": "none", "epsilon": 0.008, "step_size": 1.6e-4},
     "voice box": {"losses": ("voice",), "shaping": "none"},
     "voice margin22": {"losses": ("voice",), "masking_margin_db": 22.0},
-    "default voice x10": {"weights": (1.0, 4.5, 10.0, 0.85, 10.0)},
     "voice eot": {"losses": ("voice",), "eot": ("mp3", "resample", "gain")},
     "voice eot mp3": {"losses": ("voice",), "eot": ("mp3",)},
 }
@@ -186,9 +186,11 @@ def main() -> None:
                       + " ".join(f"ver {c['ver_ref']:.3f} ge2e {c['ge2e_ref']:.3f}" for c in row["clones"]), flush=True)
     md = out.with_suffix(".md")
     transforms = sorted({r.get("transform") for r in record["rows"]} - {None})
-    md.write_text("# Operating points against the embedded attacker (tuning speakers)\n\n" + table(record) + "".join(
-        f"\n## References through {t} before cloning ({TRANSFORMS[t].description})\n\n" + table(record, t)
-        for t in transforms))
+    note = f"{record['note']}\n\n" if record.get("note") else ""
+    sections = "".join(f"\n## References through {t} before cloning ({TRANSFORMS[t].description})\n\n"
+                       + table(record, t) for t in transforms)
+    md.write_text("# Operating points against the embedded attacker (tuning speakers)\n\n" + note + table(record)
+                  + sections)
     print(md.read_text())
 
 
