@@ -14,7 +14,9 @@ PAPER_LOSSES: tuple[str, ...] = ("id", "ctx", "score", "sem")
 LOSS_NAMES: tuple[str, ...] = (*PAPER_LOSSES, "voice")
 # lambda_voice = 10 (it was 1): with the paper's four terms at their weights, L_voice's pull on the step was diluted
 # (clones by the embedded attacker: verifier -0.011 vs -0.057 for L_voice alone); at 10 the default reaches L_voice's
-# effect (-0.052) at the same audibility, and the paper's terms stay on for other DiffVCs
+# effect (-0.052) at the same audibility. It then steers the step almost alone (85-97 % of the gradient norm,
+# bench/term_gradients.py); with a DiffVC without the prior (the official weights) L_voice is skipped and the
+# paper's four terms steer it as published
 # (bench/results/operating_points.md, four tuning speakers, 8 clones per setting)
 DEFAULT_WEIGHTS: tuple[float, ...] = (1.0, 4.5, 10.0, 0.85, 10.0)
 # what the expectation over transformation can draw (cloak.eot; kept here so that settings check without torch)
