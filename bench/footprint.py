@@ -72,14 +72,30 @@ def run_one(clip: Path, out: Path, threads: int) -> dict[str, float]:
     return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024.0, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
+def write_table(data: dict, out: Path) -> str:
+    """The markdown table beside the JSON (and returned): one row per clip length and thread count."""
+    lines = [f"CPU: {data['cpu']}", "",
+             "| clip (44.1 kHz stereo) | threads | time | CPU time | peak memory (RSS) | engine |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in sorted(data["rows"].values(), key=lambda r: (r["seconds"], r["threads"])):
+        lines.append(f"| {r['seconds']:g} s | {r['threads']} | {r['wall_s']:.0f} s | {r['cpu_s']:.0f} s | "
+                     f"{r['peak_rss_mib'] / 1024:.2f} GiB | {r['engine'].split(':')[0]} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", nargs="+", type=float, default=[7.0, 60.0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "footprint.json"))
+    p.add_argument("--report", action="store_true", help="only rewrite the markdown table from the JSON")
     args = p.parse_args()
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {"rows": {}}
+    if args.report:
+        print(write_table(data, out))
+        return
     data["cpu"] = cpu_line()
     data["what"] = ("`cloak protect` at the defaults in a fresh process: wall time and peak RSS, 44.1 kHz stereo "
                     "16-bit WAV, -26 dBFS active speech level")
@@ -93,14 +109,7 @@ def main() -> None:
             out.write_text(json.dumps(data, indent=1) + "\n")
             print(f"{seconds:g} s, {args.threads} thread(s): {row['wall_s']:.0f} s, peak RSS "
                   f"{row['peak_rss_mib']:.0f} MiB", flush=True)
-    lines = [f"CPU: {data['cpu']}", "", "| clip (44.1 kHz stereo) | threads | time | peak memory (RSS) |",
-             "|---|---:|---:|---:|"]
-    for r in sorted(data["rows"].values(), key=lambda r: (r["seconds"], r["threads"])):
-        lines.append(f"| {r['seconds']:g} s | {r['threads']} | {r['wall_s']:.0f} s | "
-                     f"{r['peak_rss_mib'] / 1024:.2f} GiB |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    print(write_table(data, out))
 
 if __name__ == "__main__":
     main()
