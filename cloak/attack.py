@@ -110,7 +110,8 @@ class WindowAttack:
             self._identity_targets(gen)
             self._draw_pool(gen)
             clean_ref = self.reference(self.x, x16 * self.gain)
-            self.pool.logp_ref, self.pool.feat_clean = self._internals(clean_ref, self.pool)
+            if self.needs_internals():  # the clean reference's U-Net internals serve L_ctx and L_sem only
+                self.pool.logp_ref, self.pool.feat_clean = self._internals(clean_ref, self.pool)
             self._noise_features(gen)
             if self.weights["voice"] > 0:
                 one = torch.zeros(self.pool.t.shape[0], dtype=torch.long, device=self.dev)
@@ -180,7 +181,9 @@ class WindowAttack:
         They depend on t only: one draw per grid point, shared by the pool entries at that t."""
         cfg, dv, pool = self.cfg, self.m.diffvc, self.pool
         rms = float(self.x.pow(2).mean().sqrt().clamp_min(1e-4))
-        noise = torch.randn(self.x.shape, generator=gen).to(self.dev) * rms
+        noise = torch.randn(self.x.shape, generator=gen).to(self.dev) * rms  # drawn always: later draws stay put
+        if self.weights["sem"] == 0:  # only L_sem reads them
+            return
         n16 = resample(noise, DIFFVC_RATE, GE2E_RATE)
         self.noise_ref = self.reference(noise, n16 * volume_gain(n16))
         nmel = self.noise_ref[0][..., : cfg.source_frames]
@@ -197,6 +200,12 @@ class WindowAttack:
             self.noise_pool.log_f0 = torch.full_like(mg, DEFAULT_LOG_F0)
         _, feats = self._internals(self.noise_ref, self.noise_pool)
         pool.feat_noise = {k: v[self.t_index] for k, v in feats.items()}
+
+    def needs_internals(self) -> bool:
+        """Whether this window's terms read the pool's U-Net internals (L_ctx: context log-probabilities; L_sem:
+        up-path features of the clean and the noise reference). Without them the set-up skips those U-Net passes,
+        so windows that differ here cannot share a U-Net batch (`ProtectionJob.batch_key`)."""
+        return self.weights["ctx"] > 0 or self.weights["sem"] > 0
 
     def emb_clean_ge2e(self, x16: torch.Tensor) -> torch.Tensor:
         for e, emb in zip(self.id_encoders, self.emb_clean, strict=True):

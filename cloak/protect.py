@@ -197,7 +197,8 @@ class ProtectionJob:
         is read from the current window's attack, never built here."""
         if self.attack is None:
             raise RuntimeError("batch_key() of a window that is not prepared: call prepare() first")
-        return (self.attack.x.shape[-1], self.cfg.source_frames, self.cfg.id_encoders)
+        return (self.attack.x.shape[-1], self.cfg.source_frames, self.cfg.id_encoders,
+                tuple(k for k in ("ctx", "sem") if self.attack.weights[k] > 0))
 
     def finish_unperturbed(self) -> None:
         """The zero-iteration case: every window is set up and closed without a PGD step, so the result is the

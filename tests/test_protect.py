@@ -163,6 +163,24 @@ def test_jobs_batched_together_match_jobs_run_alone(tiny_models):
         assert np.mean(diff > 1e-6) < 0.01
 
 
+def test_set_up_skips_the_u_net_internals_no_term_reads(tiny_models):
+    """L_ctx and L_sem read the clean and noise references' U-Net internals; without them the set-up skips those
+    passes, and such a window does not share a U-Net batch with one that needs them."""
+    x, sr = corpus_clip("vctk_p228", 0, seconds=1.5)
+    cfg = ProtectConfig(**{**FAST, "iterations": 2})
+    lean = ProtectionJob(x, sr, tiny_models, cfg.with_(losses=("id", "score")))
+    full = ProtectionJob(x, sr, tiny_models, cfg.with_(losses=("id", "score", "sem")))
+    for job in (lean, full):
+        job.prepare()
+    assert lean.attack.pool.logp_ref is None and lean.attack.pool.feat_clean == {} and lean.attack.pool.feat_noise == {}
+    pool = full.attack.pool
+    assert pool.logp_ref is not None and pool.feat_clean and set(pool.feat_noise) == set(pool.feat_clean)
+    assert lean.batch_key() != full.batch_key()
+    assert step_groups([lean, full], 2) == [[lean], [full]]
+    run_jobs([lean, full], max_batch=2)
+    assert set(lean.result().metrics["losses_end"]) == {"id", "score"}
+
+
 @pytest.mark.parametrize("bad,match", [
     (np.zeros(0, np.float32), "empty"),
     (np.full(16000, np.nan, np.float32), "NaN"),
