@@ -145,6 +145,17 @@ class JobRecord:
                                                 p.fraction)
             self._publish(self.progress_event)
 
+    def attach(self, job: ProtectionJob) -> bool:
+        """Hold the started job, whose validated copy of the audio replaces the upload's, unless the record ended
+        meanwhile (a cancel from another thread): then nothing is kept and False comes back. Under the lock, so a
+        cancel cannot fall between the two assignments and leave the audio held by an ended record."""
+        with self._lock:
+            if self.state in TERMINAL:
+                return False
+            self.job = job
+            self.samples = job.samples
+            return True
+
     def set_succeeded(self, result_pcm: bytes, done: Done) -> None:
         with self._lock:
             self.state = JobState.SUCCEEDED

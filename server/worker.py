@@ -49,12 +49,13 @@ class Worker:
         assert models is not None and rec.samples is not None
         try:
             models.speaker_encoders(rec.config.id_encoders)  # raises BundleError for a missing WavLM
-            rec.job = ProtectionJob(rec.samples, rec.upload.sample_rate, models, rec.config,
-                                    progress=rec.on_progress, cancel=rec.cancel)
-            rec.samples = rec.job.samples  # the job's validated copy is the same audio: keep one
+            job = ProtectionJob(rec.samples, rec.upload.sample_rate, models, rec.config,
+                                progress=rec.on_progress, cancel=rec.cancel)
+            if not rec.attach(job):  # cancelled while the job was being built: already ended, holds nothing
+                return
             if rec.config.iterations == 0:  # as cloak.protect does: no PGD, windows finished unperturbed
                 with self.guard.watching([rec]):
-                    rec.job.finish_unperturbed()
+                    job.finish_unperturbed()
         except Exception as e:  # noqa: BLE001 - sorted out below
             if self.guard.tripped or rec.cancel.cancelled:
                 self.outcomes.end_cancelled(rec)
@@ -63,8 +64,8 @@ class Worker:
             return
         assert rec.started_at is not None
         self.metrics.queue_wait.observe(rec.started_at - rec.accepted_at)
-        rec.set_started(len(rec.job.plan))
-        logs.event("job_started", job_id=rec.id, client=rec.client, windows=len(rec.job.plan),
+        rec.set_started(len(job.plan))
+        logs.event("job_started", job_id=rec.id, client=rec.client, windows=len(job.plan),
                    queued_s=round(rec.started_at - rec.accepted_at, 3))
 
     def _start_failed(self, rec: JobRecord, e: Exception) -> None:

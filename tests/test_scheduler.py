@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import corpus_clip
+from test_server_helpers import one_torch_thread  # noqa: F401 - autouse: bit-identity holds with one thread
 
 from cloak import ProtectConfig, protect
 from server import codec
