@@ -3,9 +3,9 @@ cloner reads it, drawn anew every step and applied to the protected window befor
 perturbation is optimised for the recording as the attacker gets it, not only as it leaves the tool.
 
     mp3       an MP3 round trip (cloak.mp3; LAME CBR at 64, 96 or 128 kb/s, drawn) at the codec rate: the job's
-              own rate when LAME encodes at it (MP3_RATES; capped at 48 kHz), else 44.1 kHz. The codec is not
-              differentiable, so its gradient is taken as the identity's (BPDA, straight-through): the models see
-              the decoded audio and the step is computed at that point.
+              own rate when LAME encodes at it and it is at least 22.05 kHz (`codec_rate`), else 44.1 kHz.
+              The codec is not differentiable, so its gradient is taken as the identity's (BPDA,
+              straight-through): the models see the decoded audio and the step is computed at that point.
     resample  to 16 kHz and back with the engine's resampler (differentiable): what speech tools and many
               platforms do. 44.1 and 48 kHz are not drawn: the delivered file is at the user's rate already, and
               the attacker's own resampling to 22.05 kHz is the path the engine computes through.
@@ -44,11 +44,6 @@ class Draw:
     name: str
     value: float = 0.0
     ge2e_gain: float | None = None  # gain: the GE2E input gain at the changed level (`with_ge2e_gains`)
-
-    def describe(self) -> str:
-        unit = {"mp3": f"{self.value:g} kb/s", "resample": f"{self.value:g} Hz",
-                "gain": f"{20 * np.log10(self.value):+.2f} dB"}
-        return self.name if self.name == "none" else f"{self.name} {unit[self.name]}"
 
 
 def draw_plan(names: tuple[str, ...], steps: int, gen: torch.Generator) -> list[Draw]:
