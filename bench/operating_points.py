@@ -67,6 +67,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "voice margin22": {"losses": ("voice",), "masking_margin_db": 22.0},
     "voice eot": {"losses": ("voice",), "eot": ("mp3", "resample", "gain")},
     "voice eot mp3": {"losses": ("voice",), "eot": ("mp3",)},
+    # the masking bound's exponent: 0 = a flat bound at the clip's active speech level (the box made level-relative)
+    "voice flat": {"losses": ("voice",), "masking_exponent": 0.0},
+    "voice flat margin30": {"losses": ("voice",), "masking_exponent": 0.0, "masking_margin_db": 30.0},
+    "voice gamma0.25": {"losses": ("voice",), "masking_exponent": 0.25},
+    "default flat": {"masking_exponent": 0.0},
 }
 
 
