@@ -251,53 +251,99 @@ class WindowAttack:
         return eot.apply(draw, x_adv, self.gain_t, self.sample_rate)
 
     def next_indices(self, iteration: int) -> torch.Tensor:
-        """Pool draws of one iteration: a fixed per-window permutation walked `repeats` at a time."""
+        """Pool draws of one iteration: a fixed per-window permutation walked `repeats` at a time, cyclically, so
+        every iteration has `repeats` draws (engine 7 and earlier cut the walk at the pool's end: with the
+        defaults, pool 12 and 5 repeats, iterations had 5, 5, 2, 5, 5, 1, ... draws, 4.2 on average)."""
         p = self.pool.t.shape[0]
         start = (iteration * self.cfg.repeats) % p
-        return self.order[start:start + self.cfg.repeats]
+        return self.order[(start + torch.arange(self.cfg.repeats, device=self.order.device)) % p]
 
 
-def objective(attacks: list[WindowAttack], deltas: torch.Tensor, idxs: list[torch.Tensor],
-              draws: list[eot.Draw] | None = None) -> list[dict[str, torch.Tensor]]:
-    """Every loss term (unweighted) of several windows (of any jobs with equal window length) at their
-    perturbations `deltas` (J, N) on their pool draws: one GE2E/encoder batch of J, one U-Net batch of sum(R).
-    `draws`: each window's transform of this step (cloak.eot; default none). Jobs do not interact (no batch
-    statistics anywhere), so each job's gradient is its own."""
+@dataclass
+class Front:
+    """What every pool row of one step shares: the adversarial windows as the attacker receives them (J, N), at
+    16 kHz (J, N16), their GE2E input gains (J, 1), GE2E d-vectors (J, D), log-mels (J, 80, T) and average voices
+    (J, 80, T; only when a U-Net term is on). `detached` cuts the graph here, for micro-batched rows."""
+
+    x16: torch.Tensor
+    gains: torch.Tensor
+    c: torch.Tensor
+    mel: torch.Tensor | None = None
+    mean_ref: torch.Tensor | None = None
+
+    TENSORS = ("c", "mel", "mean_ref")  # what the row terms differentiate through
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.TENSORS if getattr(self, k) is not None}
+
+    def detached(self) -> Front:
+        leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in self.tensors().items()}
+        return Front(self.x16, self.gains, **leaves)
+
+
+def wanted(attacks: list[WindowAttack]) -> dict[str, bool]:
+    """Which terms any of the windows has on."""
+    return {k: any(a.weights[k] > 0 for a in attacks) for k in LOSS_NAMES}
+
+
+def front(attacks: list[WindowAttack], deltas: torch.Tensor, draws: list[eot.Draw] | None = None) -> Front:
+    """The shared part of `objective` at perturbations `deltas` (J, N): one GE2E batch of J, one mel batch."""
     a0 = attacks[0]
-    m, dev = a0.m, a0.dev
+    m = a0.m
     received = [a.as_received(a.adversarial(d[None])[0], draw)
                 for a, d, draw in zip(attacks, deltas, draws or [NO_TRANSFORM] * len(attacks), strict=True)]
     x_adv = torch.stack([r[0] for r in received])
     x16 = resample(x_adv, DIFFVC_RATE, GE2E_RATE)
     gains = torch.cat([r[1] for r in received])[:, None]
-    c = m.ge2e.embed(x16 * gains)
+    f = Front(x16, gains, m.ge2e.embed(x16 * gains))
+    want = wanted(attacks)
+    if want["ctx"] or want["score"] or want["sem"] or want["voice"]:
+        f.mel = diffvc_mel(x_adv)
+        if want["ctx"] or want["score"] or want["sem"]:
+            mask = torch.ones(f.mel.shape[0], 1, f.mel.shape[-1], device=a0.dev)
+            f.mean_ref = m.diffvc.average_voice(f.mel, mask)
+    return f
+
+
+def identity_terms(attacks: list[WindowAttack], f: Front) -> list[dict[str, torch.Tensor]]:
+    """L_ID of each window (empty dicts when no window has it on)."""
     out: list[dict[str, torch.Tensor]] = [{} for _ in attacks]
-    want = {k: any(a.weights[k] > 0 for a in attacks) for k in LOSS_NAMES}
-    if want["id"]:
-        embs = [c if e is m.ge2e else e.embed(x16) for e in a0.id_encoders]
-        for j, a in enumerate(attacks):
-            terms = [identity_loss(emb[j:j + 1], clean, cent)
-                     for emb, clean, cent in zip(embs, a.emb_clean, a.centroids, strict=True)]
-            out[j]["id"] = torch.stack(terms).mean()
-    if not (want["ctx"] or want["score"] or want["sem"] or want["voice"]):
+    if not wanted(attacks)["id"]:
         return out
+    m = attacks[0].m
+    embs = [f.c if e is m.ge2e else e.embed(f.x16) for e in attacks[0].id_encoders]
+    for j, a in enumerate(attacks):
+        terms = [identity_loss(emb[j:j + 1], clean, cent)
+                 for emb, clean, cent in zip(embs, a.emb_clean, a.centroids, strict=True)]
+        out[j]["id"] = torch.stack(terms).mean()
+    return out
+
+
+def row_terms(attacks: list[WindowAttack], f: Front, idxs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The terms read on pool draws (L_voice, L_ctx, L_score, L_sem) of each window on its draws idxs[j]: one
+    U-Net batch of sum(len(idxs[j])). Each is a mean over the window's draws, so a window's term over all its
+    draws is the draw-weighted mean of its terms over any split of them (what `cloak.protect.pgd_step` uses to
+    micro-batch)."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in attacks]
+    want = wanted(attacks)
+    if f.mel is None:
+        return out
+    m, dev = attacks[0].m, attacks[0].dev
     pools = [a.pool.take(i) for a, i in zip(attacks, idxs, strict=True)]
     counts = [p.t.shape[0] for p in pools]
     offsets = [0, *np.cumsum(counts).tolist()]
     pool = _Pool.cat(pools)
-    mel = diffvc_mel(x_adv)
+    mel, c = f.mel, f.c
     rep = torch.cat([torch.full((n,), j, device=dev, dtype=torch.long) for j, n in enumerate(counts)])
     # with a speaker-adaptive prior, one prior mean per pool row serves L_voice and the U-Net terms
     mean = prior_means(m, mel, c, pool, rep) if m.prior is not None else None
     if want["voice"]:
-        emb = voice_embeddings(m, mean, rep, gains[:, 0])
+        emb = voice_embeddings(m, mean, rep, f.gains[:, 0])
         for j, a in enumerate(attacks):
             sl = slice(offsets[j], offsets[j + 1])
             out[j]["voice"] = voice_loss(emb[sl], pool.voice_clean[sl], a.voice_centroid)
-    if want["ctx"] or want["score"] or want["sem"]:
-        mask = torch.ones(mel.shape[0], 1, mel.shape[-1], device=dev)
-        mean_ref = m.diffvc.average_voice(mel, mask)
-        score, internals = unet_score(m, (mel[rep], mean_ref[rep], c[rep]), pool, mean)
+    if f.mean_ref is not None:
+        score, internals = unet_score(m, (mel[rep], f.mean_ref[rep], c[rep]), pool, mean)
         ctx = summed_context(internals) if want["ctx"] else None
         for j in range(len(attacks)):
             sl = slice(offsets[j], offsets[j + 1])
@@ -310,6 +356,16 @@ def objective(attacks: list[WindowAttack], deltas: torch.Tensor, idxs: list[torc
                                               {k: v[sl] for k, v in pool.feat_clean.items()},
                                               {k: v[sl] for k, v in pool.feat_noise.items()})
     return out
+
+
+def objective(attacks: list[WindowAttack], deltas: torch.Tensor, idxs: list[torch.Tensor],
+              draws: list[eot.Draw] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Every loss term (unweighted) of several windows (of any jobs with equal window length) at their
+    perturbations `deltas` (J, N) on their pool draws: one GE2E/encoder batch of J, one U-Net batch of sum(R).
+    `draws`: each window's transform of this step (cloak.eot; default none). Jobs do not interact (no batch
+    statistics anywhere), so each job's gradient is its own."""
+    f = front(attacks, deltas, draws)
+    return [a | b for a, b in zip(identity_terms(attacks, f), row_terms(attacks, f, idxs), strict=True)]
 
 
 def unet_score(m: Models, ref: tuple[torch.Tensor, ...], pool: _Pool,

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attack import WindowAttack, objective, unet_score, voice_applicable
+from . import eot
+from .attack import Front, WindowAttack, front, identity_terms, objective, row_terms, unet_score, voice_applicable
 from .audio import fit_to_budget, validate_samples
 from .bundle import BundleError, Models
 from .config import ProtectConfig
@@ -38,12 +39,13 @@ from .perceptual import project_spectral, shaped_step
 
 # The engine's API. objective, unet_score and voice_applicable are cloak.attack's; server/ and bench/ import them
 # from here, the engine's front door.
-__all__ = ["ENGINE_VERSION", "ProtectionJob", "WindowAttack", "crossfade_weights", "objective", "pgd_step", "plan_size",
-           "protect", "run_jobs", "step_groups", "unet_score", "voice_applicable", "window_plan", "window_samples",
-           "within_budget"]
+__all__ = ["ENGINE_VERSION", "ProtectionJob", "WindowAttack", "crossfade_weights", "micro_batches", "objective",
+           "pgd_step", "plan_size", "protect", "run_jobs", "step_gradient", "step_groups", "unet_score",
+           "voice_applicable", "window_plan", "window_samples", "within_budget"]
 
 # Changes whenever the same settings would give a different perturbation (caches of protected audio key on it).
-ENGINE_VERSION = "7: lambda_voice 10 by default, fused Mish (6: SNR floor of 34 dB per window; 5: L_voice)"
+ENGINE_VERSION = ("8: every iteration has `repeats` draws, CPU steps in micro-batches of 2 draws "
+                  "(7: lambda_voice 10 by default, fused Mish; 6: SNR floor of 34 dB per window; 5: L_voice)")
 
 
 def within_budget(x: torch.Tensor, d: torch.Tensor, eps: float) -> torch.Tensor:
@@ -53,14 +55,13 @@ def within_budget(x: torch.Tensor, d: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def pgd_step(jobs: list[ProtectionJob]) -> None:
-    """One PGD iteration for every job in the group (equal window lengths), sharing one U-Net batch."""
+    """One PGD iteration for every job in the group (equal window lengths), sharing one U-Net batch, or, with the
+    models' `rows_per_pass`, micro-batches of that many draws (`step_gradient`: same gradient, less memory)."""
     attacks = [j.attack for j in jobs]
-    deltas = torch.stack([j.delta for j in jobs]).requires_grad_(True)
+    deltas = torch.stack([j.delta for j in jobs])
     idxs = [a.next_indices(j.iteration) for a, j in zip(attacks, jobs, strict=True)]
     draws = [a.eot_draw(j.iteration) for a, j in zip(attacks, jobs, strict=True)]
-    losses = objective(attacks, deltas, idxs, draws)
-    total = sum(sum(a.weights[k] * v for k, v in ls.items()) for a, ls in zip(attacks, losses, strict=True))
-    grad, = torch.autograd.grad(total, deltas)
+    grad, losses = step_gradient(attacks, deltas, idxs, draws, jobs[0].models.rows_per_pass)
     with torch.no_grad():
         for j, job in enumerate(jobs):
             cfg = job.cfg
@@ -70,7 +71,78 @@ def pgd_step(jobs: list[ProtectionJob]) -> None:
             else:  # its analogue under the clean audio's masking threshold (cloak.perceptual), then the box
                 d = shaped_step(job.delta, grad[j], job.attack.shaping_bound, cfg.step_size / cfg.epsilon)
             job.delta = job.attack.projected(within_budget(x, d, cfg.epsilon))
-            job.after_step({k: v.detach() for k, v in losses[j].items()})  # tensors: no host sync per step
+            job.after_step(losses[j])  # tensors: no host sync per step
+
+
+def weighted_total(attacks: list[WindowAttack], losses: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The ascent objective: every window's loss terms times its weights, summed over windows."""
+    return sum(sum(a.weights[k] * v for k, v in ls.items()) for a, ls in zip(attacks, losses, strict=True))
+
+
+def step_gradient(attacks: list[WindowAttack], deltas: torch.Tensor, idxs: list[torch.Tensor],
+                  draws: list[eot.Draw] | None = None, max_rows: int | None = None,
+                  ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """The gradient of `weighted_total` at `deltas` (J, N) and the (detached) loss terms of each window.
+
+    `max_rows` bounds the pool draws (U-Net rows) whose autograd graph is held at once, which sets a step's peak
+    memory: the row terms (cloak.attack.row_terms) go through in micro-batches of at most that many (every window
+    in each, `micro_batches`), each backpropagated to the shared front (cloak.attack.Front, computed once) before
+    the next, then the front once. The gradient is the one-batch gradient up to float summation order (and
+    kernels' batch-size-dependent rounding). None: one batch."""
+    deltas = deltas.detach().requires_grad_(True)
+    shared = front(attacks, deltas, draws)
+    losses = identity_terms(attacks, shared)
+    parts = micro_batches(idxs, max_rows)
+    if len(parts) == 1:
+        for ls, rows in zip(losses, row_terms(attacks, shared, idxs), strict=True):
+            ls.update(rows)
+        grad, = torch.autograd.grad(weighted_total(attacks, losses), deltas)
+    else:
+        grad = _micro_batched_grad(attacks, deltas, shared, losses, idxs, parts)
+    return grad, [{k: v.detach() for k, v in ls.items()} for ls in losses]
+
+
+def micro_batches(idxs: list[torch.Tensor], max_rows: int | None) -> list[list[torch.Tensor]]:
+    """Each job's draws split into the fewest micro-batches of at most `max_rows` rows in all (every job in every
+    micro-batch, so at most min(draws) of them; sizes as equal as tensor_split makes them)."""
+    rows = sum(len(i) for i in idxs)
+    count = 1 if max_rows is None else min(math.ceil(rows / max(max_rows, 1)), min(len(i) for i in idxs))
+    if count <= 1:
+        return [idxs]
+    split = [i.tensor_split(count) for i in idxs]
+    return [[s[k] for s in split] for k in range(count)]
+
+
+def _micro_batched_grad(attacks: list[WindowAttack], deltas: torch.Tensor, shared: Front,
+                        losses: list[dict[str, torch.Tensor]], idxs: list[torch.Tensor],
+                        parts: list[list[torch.Tensor]]) -> torch.Tensor:
+    """d objective / d deltas with the row terms in micro-batches `parts` (see `pgd_step`); fills `losses` with
+    the row terms' (detached) values over all draws."""
+    leaves = shared.detached()
+    inputs = leaves.tensors()
+    acc: dict[str, torch.Tensor] = {}
+    for part in parts:
+        rows = row_terms(attacks, leaves, part)
+        shares = [len(p) / len(i) for p, i in zip(part, idxs, strict=True)]  # each term is a mean over draws
+        for ls, r, w in zip(losses, rows, shares, strict=True):
+            for k, v in r.items():
+                ls[k] = ls.get(k, 0.0) + w * v.detach()
+        total = weighted_total(attacks, [{k: w * v for k, v in r.items()} for r, w in zip(rows, shares, strict=True)])
+        grads = torch.autograd.grad(total, list(inputs.values()), allow_unused=True)
+        for k, g in zip(inputs, grads, strict=True):
+            if g is not None:
+                acc[k] = acc[k] + g if k in acc else g
+    ident = [{k: v for k, v in ls.items() if k == "id"} for ls in losses]
+    outs, grads_out = [], []
+    if any(ident):
+        outs.append(weighted_total(attacks, ident))
+        grads_out.append(None)
+    own = shared.tensors()
+    for k, g in acc.items():
+        outs.append(own[k])
+        grads_out.append(g)
+    grad, = torch.autograd.grad(outs, deltas, grad_outputs=grads_out)
+    return grad
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ from cloak import AudioError, Cancelled, CancelToken, ConfigError, ProtectConfig
 from cloak.protect import (
     ProtectionJob,
     crossfade_weights,
+    micro_batches,
     plan_size,
     run_jobs,
+    step_gradient,
     step_groups,
     window_plan,
     window_samples,
@@ -289,3 +291,61 @@ def test_early_stop_without_dnsmos_is_refused_before_any_work(tiny_models, monke
     x, sr = corpus_clip("librispeech_1998", 0, seconds=1.0)
     with pytest.raises(BundleError, match="early_stop needs DNSMOS"):
         ProtectionJob(x, sr, tiny_models, ProtectConfig(**FAST, early_stop=True))
+
+
+def test_micro_batches_split_every_job_and_keep_every_draw():
+    idxs = [torch.arange(5), torch.arange(10, 13)]
+    assert micro_batches(idxs, None) == [idxs] and micro_batches(idxs, 8) == [idxs]
+    for max_rows, count in ((4, 2), (3, 3), (1, 3)):  # never more parts than the smallest job has draws
+        parts = micro_batches(idxs, max_rows)
+        assert len(parts) == count
+        for j, idx in enumerate(idxs):
+            assert torch.equal(torch.cat([p[j] for p in parts]), idx)
+            assert all(len(p[j]) > 0 for p in parts)
+
+
+@pytest.mark.parametrize("max_rows", [4, 1])
+def test_micro_batched_gradient_is_the_one_batch_gradient(tiny_models, max_rows):
+    """Two windows (of two jobs), three draws each, every term on, from a random start (so L_ctx pulls too): the
+    gradient and the loss values with the rows in micro-batches equal the one-batch ones up to float rounding."""
+    from cloak.attack import WindowAttack
+    from cloak.features import resample
+
+    cfg = ProtectConfig(**{**FAST, "repeats": 3})
+    attacks, deltas = [], []
+    for speaker, seed in (("vctk_p228", 1), ("vctk_p225", 2)):
+        x, sr = corpus_clip(speaker, 0, seconds=1.0)
+        x22 = resample(torch.from_numpy(x), sr, 22050)[:20_000]
+        attacks.append(WindowAttack(tiny_models, cfg, x22, sr, torch.Generator().manual_seed(seed)))
+        g = torch.Generator().manual_seed(seed)
+        deltas.append((torch.rand(attacks[-1].x.shape[-1], generator=g) * 2 - 1) * cfg.epsilon)
+    deltas_t = torch.stack(deltas)
+    idxs = [a.next_indices(0) for a in attacks]
+    full, losses_full = step_gradient(attacks, deltas_t, idxs)
+    part, losses_part = step_gradient(attacks, deltas_t, idxs, max_rows=max_rows)
+    assert full.abs().sum() > 0
+    torch.testing.assert_close(part, full, rtol=1e-4, atol=1e-5 * float(full.abs().max()))
+    for a, b in zip(losses_full, losses_part, strict=True):
+        assert set(a) == set(b) == {"id", "ctx", "score", "sem"}
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+
+
+def test_every_iteration_draws_repeats_distinct_pool_entries(tiny_models):
+    """The pool (12 draws with 5 repeats and t_adv 6) is walked cyclically: every iteration gets `repeats` distinct
+    draws, and over pool-many iterations each draw serves equally often."""
+    from cloak.attack import WindowAttack, pool_size_for
+    from cloak.features import resample
+
+    cfg = ProtectConfig(repeats=5, t_adv=6, source_frames=48, gender="male")
+    x, sr = corpus_clip("vctk_p228", 0, seconds=1.0)
+    attack = WindowAttack(tiny_models, cfg, resample(torch.from_numpy(x), sr, 22050), sr,
+                          torch.Generator().manual_seed(0))
+    p = pool_size_for(cfg)
+    assert p == 12
+    uses = torch.zeros(p, dtype=torch.long)
+    for it in range(p):
+        idx = attack.next_indices(it)
+        assert len(idx) == cfg.repeats and len(set(idx.tolist())) == cfg.repeats
+        uses += torch.bincount(idx, minlength=p)
+    assert torch.all(uses == cfg.repeats)
