@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,13 +22,14 @@ from naive import naive_window_delta  # bench/naive.py: a script's own folder is
 from cloak.bank import VoiceBank
 from cloak.bundle import Models, prepare_diffvc
 from cloak.config import ProtectConfig
+from cloak.cpu import cpu_cores, cpu_model
 from cloak.models import GE2E, DiffVC
 from cloak.protect import ProtectionJob, run_jobs
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--iterations", type=int, default=5)
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--source-frames", type=int, default=192)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_vs_naive.json"))
-    a = p.parse_args()
+    a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dv = DiffVC(channels=128, filters=512, heads=2, layers=4, enc_dim=16, spk_dim=32, dec_dim=a.dec_dim)
@@ -72,7 +72,7 @@ def main() -> None:
     agree = float(torch.mean((torch.sign(naive[:n]) == torch.sign(engine_delta[:n])).float()))
     res = {
         "bench": "engine_vs_naive", "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": a.threads,
+        "device": "cpu", "cpu": cpu_model(), "cores": cpu_cores(), "threads": a.threads,
         "clip_seconds": a.seconds, "model": {"dec_dim": a.dec_dim, "spk_dim": 32, "enc_dim": 16},
         "settings": {"iterations": a.iterations, "repeats": a.repeats, "t_adv": cfg.t_adv,
                      "source_frames": a.source_frames},

@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     load_s = time.perf_counter() - t
     cases = []
     for prec in precisions:
-        models = base if prec == "fp32" else replace(base, precision=prec)
+        models = base if prec == "fp32" else base.with_precision(prec)
         for threads in a.threads:
             for seconds in a.seconds:
                 case = run_case(models, seconds, a.iterations, threads)

@@ -111,7 +111,7 @@ def child(seconds: float, threads: int, precision: str) -> dict[str, object]:
     return {"stages": stages, "torch_loads": loads, "precision": models.precision}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=7.0)
     p.add_argument("--threads", type=int, default=1)
@@ -119,7 +119,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(HERE / "results" / "startup.json"))
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.child:
         print(json.dumps(child(a.seconds, a.threads, a.precision)))
         return

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -91,6 +91,10 @@ class Models:
             except FileNotFoundError as e:
                 raise BundleError(f"no vocoder for cloning: {e}") from e
         return self._vocoder
+
+    def with_precision(self, precision: str) -> Models:
+        """The same models run in another precision ("fp32", "bf16"), with that precision's `rows_per_pass`."""
+        return replace(self, precision=precision, rows_per_pass=rows_per_pass_for(self.device, precision))
 
     @property
     def diffvc_id(self) -> str:
@@ -205,12 +209,18 @@ def prepare_diffvc(diffvc: DiffVC, device: str | torch.device = "cpu", compile: 
     return diffvc
 
 
-def rows_per_pass_for(device: torch.device) -> int | None:
-    """The default micro-batch of a PGD step's U-Net rows: 2 on CPU, where it holds the step's autograd graph to two
-    draws' worth (7 s clip at the defaults, bf16, measured on a 2-core AMD EPYC: peak RSS 1.87 -> 1.39 GiB at the
-    same step time, the shared front computed once), and None (one batch) on an accelerator, whose speed comes
-    from the large batch and whose memory is not the host's."""
-    return 2 if device.type == "cpu" else None
+def rows_per_pass_for(device: torch.device, precision: str) -> int | None:
+    """The default micro-batch of a PGD step's U-Net rows (`Models.rows_per_pass`). Measured on a 2-core AMD EPYC
+    (avx512_bf16), one thread, a 7 s clip at the defaults, median step / peak RSS of the whole window:
+      bf16: one batch of 5 draws 2.23 s / 1875 MiB, micro-batches of 3 2.23 s / 1604 MiB, of 2 2.42 s / 1348 MiB,
+            of 1 2.73 s / 1157 MiB;
+      fp32: one batch 3.97 s (cache-bound: larger maps), micro-batches of 2 3.1-3.3 s / 1658 MiB, of 1 3.1-3.5 s /
+            1248 MiB.
+    So 2 in bf16 (memory under 1.5 GiB for 8 % more time) and 1 in fp32 (as fast as any, the least memory) on CPU;
+    None (one batch) on an accelerator, whose speed comes from the large batch and whose memory is not the host's."""
+    if device.type != "cpu":
+        return None
+    return 2 if precision == "bf16" else 1
 
 
 def load_models(bundle: str | Path | None = None, device: str | torch.device = "cpu", precision: str = "auto",
@@ -266,4 +276,4 @@ def load_models(bundle: str | Path | None = None, device: str | torch.device = "
     return Models(diffvc=diffvc, ge2e=ge2e, bank=VoiceBank(), device=device, wavlm=wavlm, ecapa=ecapa,
                   vocoder_dir=vocoder, info=info, precision=precision,
                   precision_reason=precision_reason, compiled=compile, prior=prior,
-                  rows_per_pass=rows_per_pass_for(device))
+                  rows_per_pass=rows_per_pass_for(device, precision))

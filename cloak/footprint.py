@@ -7,7 +7,9 @@ seconds, R repeats, S source_frames, P the pool of draws (`cloak.attack.pool_siz
 (hence the 1.25). All but the constant scale with the model's width (dec_dim / 32); on CUDA only the constant is
 host memory (the rest is on the device). Where it goes at the defaults (7 s clip, bf16 CPU): torch and libraries
 ~0.22 GiB, models ~0.11 GiB, the window's set-up ~0.35-0.45 GiB, the U-Net terms' autograd graph ~1.1 GiB
-(~0.22 GiB per repeat).
+(~0.22 GiB per repeat). The fit predates engine 8's micro-batched CPU steps (`Models.rows_per_pass`), which hold
+the graph of 1-2 draws instead of R: measured 1.35 GiB in all for the 7 s clip in bf16, so on CPU the estimate is
+now an upper bound (a server admits fewer jobs than would fit, never more).
 """
 
 from __future__ import annotations

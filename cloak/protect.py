@@ -40,11 +40,11 @@ from .perceptual import project_spectral, shaped_step
 # The engine's API. objective, unet_score and voice_applicable are cloak.attack's; server/ and bench/ import them
 # from here, the engine's front door.
 __all__ = ["ENGINE_VERSION", "ProtectionJob", "WindowAttack", "crossfade_weights", "micro_batches", "objective",
-           "pgd_step", "plan_size", "protect", "run_jobs", "step_gradient", "step_groups", "unet_score",
+           "pgd_step", "plan_size", "protect", "run_jobs", "step_gradient", "step_groups", "terms_at", "unet_score",
            "voice_applicable", "window_plan", "window_samples", "within_budget"]
 
 # Changes whenever the same settings would give a different perturbation (caches of protected audio key on it).
-ENGINE_VERSION = ("8: every iteration has `repeats` draws, CPU steps in micro-batches of 2 draws "
+ENGINE_VERSION = ("8: every iteration has `repeats` draws, CPU steps in micro-batches (2 draws bf16, 1 fp32) "
                   "(7: lambda_voice 10 by default, fused Mish; 6: SNR floor of 34 dB per window; 5: L_voice)")
 
 
@@ -113,6 +113,29 @@ def micro_batches(idxs: list[torch.Tensor], max_rows: int | None) -> list[list[t
     return [[s[k] for s in split] for k in range(count)]
 
 
+def terms_at(attacks: list[WindowAttack], deltas: torch.Tensor, idxs: list[torch.Tensor],
+             max_rows: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The loss terms of each window at `deltas` (J, N) on draws `idxs`, without gradient, the rows in micro-batches
+    of at most `max_rows` (as `step_gradient`, so an evaluation never holds more than a step does)."""
+    with torch.no_grad():
+        shared = front(attacks, deltas)
+        losses = identity_terms(attacks, shared)
+        for part in micro_batches(idxs, max_rows):
+            _add_rows(losses, row_terms(attacks, shared, part), _shares(part, idxs))
+    return losses
+
+
+def _shares(part: list[torch.Tensor], idxs: list[torch.Tensor]) -> list[float]:
+    """Each window's share of its draws in a micro-batch (every row term is a mean over draws)."""
+    return [len(p) / len(i) for p, i in zip(part, idxs, strict=True)]
+
+
+def _add_rows(losses: list[dict[str, torch.Tensor]], rows: list[dict[str, torch.Tensor]], shares: list[float]) -> None:
+    for ls, r, w in zip(losses, rows, shares, strict=True):
+        for k, v in r.items():
+            ls[k] = ls[k] + w * v.detach() if k in ls else w * v.detach()
+
+
 def _micro_batched_grad(attacks: list[WindowAttack], deltas: torch.Tensor, shared: Front,
                         losses: list[dict[str, torch.Tensor]], idxs: list[torch.Tensor],
                         parts: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -123,10 +146,8 @@ def _micro_batched_grad(attacks: list[WindowAttack], deltas: torch.Tensor, share
     acc: dict[str, torch.Tensor] = {}
     for part in parts:
         rows = row_terms(attacks, leaves, part)
-        shares = [len(p) / len(i) for p, i in zip(part, idxs, strict=True)]  # each term is a mean over draws
-        for ls, r, w in zip(losses, rows, shares, strict=True):
-            for k, v in r.items():
-                ls[k] = ls.get(k, 0.0) + w * v.detach()
+        shares = _shares(part, idxs)
+        _add_rows(losses, rows, shares)
         total = weighted_total(attacks, [{k: w * v for k, v in r.items()} for r, w in zip(rows, shares, strict=True)])
         grads = torch.autograd.grad(total, list(inputs.values()), allow_unused=True)
         for k, g in zip(inputs, grads, strict=True):
@@ -311,8 +332,8 @@ class ProtectionJob:
         """Close the current window: record its start/end losses, cross-fade its delta in, move on."""
         attack = self.prepare()
         zero = torch.zeros_like(self.delta)
-        with torch.no_grad():
-            start, end = objective([attack, attack], torch.stack([zero, self.delta]), [self.first_idx] * 2)
+        start, end = terms_at([attack, attack], torch.stack([zero, self.delta]), [self.first_idx] * 2,
+                              self.models.rows_per_pass)
         a, b = self.plan[self.window]
         d = self.delta.detach().cpu()
         full = torch.zeros(b - a)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +87,7 @@ def test_bf16_protection_has_the_effect_of_fp32_on_the_embedded_model():
     x, sr = sf.read(str(sample_path()), dtype="float32")
     x = x[: int(2.5 * sr)]
     m32 = load_models(None, "cpu", "fp32")
-    m16 = replace(m32, precision="bf16")
+    m16 = m32.with_precision("bf16")
     cfg = ProtectConfig(iterations=8, repeats=2, t_adv=3, source_frames=48, gender="female", seed=1,
                         epsilon=0.01, step_size=1e-3, shaping="none")  # the plain box: a large effect to compare
 

@@ -16,6 +16,7 @@ from cloak.protect import (
     run_jobs,
     step_gradient,
     step_groups,
+    terms_at,
     window_plan,
     window_samples,
 )
@@ -325,8 +326,11 @@ def test_micro_batched_gradient_is_the_one_batch_gradient(tiny_models, max_rows)
     part, losses_part = step_gradient(attacks, deltas_t, idxs, max_rows=max_rows)
     assert full.abs().sum() > 0
     torch.testing.assert_close(part, full, rtol=1e-4, atol=1e-5 * float(full.abs().max()))
-    for a, b in zip(losses_full, losses_part, strict=True):
-        assert set(a) == set(b) == {"id", "ctx", "score", "sem"}
+    evaluated = terms_at(attacks, deltas_t, idxs, max_rows)  # the same terms without gradient (closing a window)
+    for a, b, c in zip(losses_full, losses_part, evaluated, strict=True):
+        assert set(a) == set(b) == set(c) == {"id", "ctx", "score", "sem"}
+        for k in a:
+            torch.testing.assert_close(c[k], a[k], rtol=1e-5, atol=1e-7)
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
 
