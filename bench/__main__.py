@@ -89,19 +89,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="7 s only, 2 iterations, one start-up run")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every case (default 1)")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and markdown (default bench/results)")
+    p.add_argument("--report", action="store_true", help="only rewrite bench.json/bench.md from the three JSONs there")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t = str(a.threads)
-    startup.main(["--runs", "1" if a.quick else "2", "--threads", t, "--out", str(out / "startup.json")])
-    speed.main(["--seconds", *(["7"] if a.quick else ["7", "60"]), "--threads", t,
-                "--iterations", "2" if a.quick else "4", "--out", str(out / "speed.json")])
-    engine_vs_naive.main(["--seconds", "3", "--iterations", "2" if a.quick else "5", "--threads", t,
-                          "--out", str(out / "engine_vs_naive.json")])
+    if not a.report:
+        run_all(a.quick, t, out)
     data, md = summary(*(json.loads((out / f"{n}.json").read_text()) for n in ("startup", "speed", "engine_vs_naive")))
     (out / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
     (out / "bench.md").write_text(md)
     print("\n" + md)
+
+
+def run_all(quick: bool, t: str, out: Path) -> None:
+    """The three benches, each writing its JSON into `out`."""
+    startup.main(["--runs", "1" if quick else "2", "--threads", t, "--out", str(out / "startup.json")])
+    speed.main(["--seconds", *(["7"] if quick else ["7", "60"]), "--threads", t,
+                "--iterations", "2" if quick else "4", "--out", str(out / "speed.json")])
+    engine_vs_naive.main(["--seconds", "3", "--iterations", "2" if quick else "5", "--threads", t,
+                          "--out", str(out / "engine_vs_naive.json")])
 
 
 if __name__ == "__main__":
