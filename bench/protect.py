@@ -69,7 +69,7 @@ def models_for(kind: str, device: torch.device, precision: str = "auto", compile
                 p.fill_(0.1)
     prepare_diffvc(dv, device, compile)  # as load_models prepares it
     return Models(diffvc=dv, ge2e=GE2E.load(device=device), bank=VoiceBank(), device=device,
-                  precision=resolve_precision(precision, device), compiled=compile)
+                  compiled=compile).with_precision(resolve_precision(precision, device))
 
 
 def main() -> None:

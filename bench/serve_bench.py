@@ -56,8 +56,8 @@ def random_models(size: str, device: str = "cpu", precision: str = "auto") -> ob
 
     dev = torch.device(device)
     prepare_diffvc(dv, dev)  # as load_models prepares it
-    return Models(diffvc=dv, ge2e=GE2E.load(device=dev), bank=VoiceBank(), device=dev,
-                  precision=resolve_precision(precision, dev))
+    return Models(diffvc=dv, ge2e=GE2E.load(device=dev), bank=VoiceBank(), device=dev).with_precision(
+        resolve_precision(precision, dev))
 
 
 def clips(n: int, seconds: float) -> list[tuple[np.ndarray, int]]:
