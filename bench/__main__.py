@@ -88,10 +88,11 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="7 s only, 2 iterations, one start-up run")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every case (default 1)")
-    p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and markdown (default bench/results)")
+    p.add_argument("--out", help="folder for the JSON and markdown (default bench/results, with --quick "
+                   "bench/results/quick, so that a quick look leaves the full run's figures alone)")
     p.add_argument("--report", action="store_true", help="only rewrite bench.json/bench.md from the three JSONs there")
     a = p.parse_args(argv)
-    out = Path(a.out)
+    out = Path(a.out) if a.out else RESULTS / "quick" if a.quick else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     t = str(a.threads)
     if not a.report:
