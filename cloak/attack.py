@@ -325,8 +325,8 @@ def identity_terms(attacks: list[WindowAttack], f: Front) -> list[dict[str, torc
 def row_terms(attacks: list[WindowAttack], f: Front, idxs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """The terms read on pool draws (L_voice, L_ctx, L_score, L_sem) of each window on its draws idxs[j]: one
     U-Net batch of sum(len(idxs[j])). Each is a mean over the window's draws, so a window's term over all its
-    draws is the draw-weighted mean of its terms over any split of them (what `cloak.protect.pgd_step` uses to
-    micro-batch)."""
+    draws is the draw-weighted mean of its terms over any split of them (what `cloak.protect.step_gradient` uses
+    to micro-batch)."""
     out: list[dict[str, torch.Tensor]] = [{} for _ in attacks]
     want = wanted(attacks)
     if f.mel is None:

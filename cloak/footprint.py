@@ -8,7 +8,8 @@ seconds, R repeats, S source_frames, P the pool of draws (`cloak.attack.pool_siz
 host memory (the rest is on the device). Where it goes at the defaults (7 s clip, bf16 CPU): torch and libraries
 ~0.22 GiB, models ~0.11 GiB, the window's set-up ~0.35-0.45 GiB, the U-Net terms' autograd graph ~1.1 GiB
 (~0.22 GiB per repeat). The fit predates engine 8's micro-batched CPU steps (`Models.rows_per_pass`), which hold
-the graph of 1-2 draws instead of R: measured 1.35 GiB in all for the 7 s clip in bf16, so on CPU the estimate is
+the graph of 1-2 draws instead of R: `cloak protect` peaked at 1.29 GiB for the 7 s clip in bf16 (bench/footprint.py),
+so on CPU the estimate is
 now an upper bound (a server admits fewer jobs than would fit, never more).
 """
 
