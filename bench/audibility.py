@@ -13,7 +13,8 @@ the GE2E cosine between clean and protected recording (the speaker embedding Dif
 
 Configurations: `default` (ProtectConfig(), masking shaping on), `paper` (shaping="none": the paper's plain
 l-infinity box, the engine's default until the shaping came), `margin<dB>` (the shaping with another margin, e.g.
-margin16) and `gamma<g>m<dB>` (another exponent and margin, e.g. gamma0.25m28); a `voice-` prefix runs any of them
+margin16), `gamma<g>m<dB>` (another exponent and margin, e.g. gamma0.25m28) and `quality<PESQ-WB>` (a quality
+target: each window's exponent chosen by cloak.quality, e.g. quality3.9); a `voice-` prefix runs any of them
 with `--losses voice` only, to screen a shaping fast. Results are checkpointed into the JSON after every clip (a
 killed run resumes); the markdown table is written from the JSON.
 """
@@ -60,10 +61,13 @@ def config_named(name: str, iterations: int | None = None) -> ProtectConfig:
     elif name.startswith("gamma"):  # exploration: gamma<g>m<margin>
         g, m = name.removeprefix("gamma").split("m")
         cfg = ProtectConfig(masking_exponent=float(g), masking_margin_db=float(m))
+    elif name.startswith("quality"):  # a quality target: the exponent chosen per window (cloak.quality)
+        cfg = ProtectConfig(quality_target=float(name.removeprefix("quality")))
     elif name.startswith("margin"):
         cfg = ProtectConfig(masking_margin_db=float(name.removeprefix("margin")))
     else:
-        raise SystemExit(f"unknown configuration {name!r}: [voice-](default, paper, margin<dB> or gamma<g>m<dB>)")
+        raise SystemExit(f"unknown configuration {name!r}: [voice-](default, paper, margin<dB>, gamma<g>m<dB> or "
+                         "quality<PESQ-WB>)")
     if iterations is None:
         return cfg
     # fewer iterations with a proportionally larger step, so that PGD can still cross the box
@@ -146,6 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     **measure(clean, res.audio, encoder),
                     "losses_start": res.metrics["losses_start"], "losses_end": res.metrics["losses_end"],
                     "gender": res.metrics["gender"], "model": res.metrics["model"],
+                    "masking_exponents": res.metrics["masking_exponents"],
+                    "predicted_pesq": res.metrics["predicted_pesq"],
                 }
                 data["rows"][k] = row
                 data["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -174,18 +180,25 @@ def report(data: dict[str, Any], md_path: Path) -> str:
     for c in configs:
         cr = [r for r in rows if r["config"] == c]
         cfg = data["configs"][c]
-        shaping = (f"shaping=masking, margin {cfg['masking_margin_db']:g} dB, exponent "
-                   f"{cfg.get('masking_exponent', 1.0):g}" if cfg["shaping"] == "masking" else "shaping=none")
+        adaptive = cfg.get("quality_target", 0) > 0
+        exponent = (f"exponent per window for predicted PESQ-WB >= {cfg['quality_target']:g}" if adaptive
+                    else f"exponent {cfg.get('masking_exponent', 1.0):g}")
+        shaping = (f"shaping=masking, margin {cfg['masking_margin_db']:g} dB, {exponent}"
+                   if cfg["shaping"] == "masking" else "shaping=none")
         lines += [f"## {c}: {shaping}, epsilon {cfg['epsilon']:g}, {cfg['iterations']} iterations", "",
-                  "| speaker | level (dBFS) | s | SNR (dB) | PESQ-WB | STOI | GE2E drop | loss gain | goal |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| speaker | level (dBFS) | s | SNR (dB) | PESQ-WB | STOI | GE2E drop | loss gain | goal |"
+                  + (" exponent (predicted PESQ-WB) |" if adaptive else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---|" if adaptive else "")]
         for r in sorted(cr, key=lambda r: (r["speaker"], r["level_dbfs"])):
             w = ProtectConfig.from_dict(cfg).loss_weights  # 4 weights in results written before L_voice
             loss = sum(w[k] * (v - r["losses_start"][k]) for k, v in r["losses_end"].items())
             ok = (r["pesq_wb"] or 0) >= PESQ_GOAL and r["snr_db"] >= SNR_GOAL
             lines.append(f"| {r['speaker']} | {r['level_dbfs']:g} | {r['seconds']:.1f} | {r['snr_db']:.1f} | "
                          f"{_fmt(r['pesq_wb'], '.2f')} | {r['stoi']:.3f} | {r['ge2e_drop']:.4f} | {loss:.3f} | "
-                         f"{'met' if ok else 'NOT met'} |")
+                         f"{'met' if ok else 'NOT met'} |"
+                         + (" " + ", ".join(f"{g:g} ({p:.2f})" for g, p in
+                                            zip(r["masking_exponents"], r["predicted_pesq"], strict=True)) + " |"
+                            if adaptive else ""))
         lines.append("")
         for level in sorted({r["level_dbfs"] for r in cr}):
             lr = [r for r in cr if r["level_dbfs"] == level]

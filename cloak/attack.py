@@ -31,6 +31,7 @@ from .models.diffvc_decoder import ScoreInternals
 from .models.ge2e import volume_gain
 from .perceptual import masking_threshold, snr_floor_power, under_snr_floor
 from .pitch import DEFAULT_LOG_F0
+from .quality import window_exponent
 
 NO_TRANSFORM = eot.Draw("none")
 
@@ -118,9 +119,17 @@ class WindowAttack:
                 mean = prior_means(models, clean_ref[0], clean_ref[2], self.pool, one)
                 self.pool.voice_clean = voice_embeddings(models, mean, one, self.gain_t)
             # perceptual shaping (cloak.perceptual): per-bin bound on delta's STFT from this window's clean audio
-            self.shaping_bound = masking_threshold(self.x[0], DIFFVC_RATE, cfg.masking_margin_db,
-                                                   exponent=cfg.masking_exponent) \
-                if cfg.shaping == "masking" else None
+            # with a quality target, its exponent chosen for this window (cloak.quality.window_exponent)
+            self.masking_exponent: float | None = None
+            self.predicted_pesq: float | None = None
+            self.shaping_bound: torch.Tensor | None = None
+            if cfg.shaping == "masking" and cfg.quality_target > 0:
+                self.masking_exponent, self.predicted_pesq, self.shaping_bound = window_exponent(
+                    self.x[0], DIFFVC_RATE, cfg.masking_margin_db, cfg.epsilon, cfg.quality_target)
+            elif cfg.shaping == "masking":
+                self.masking_exponent = cfg.masking_exponent
+                self.shaping_bound = masking_threshold(self.x[0], DIFFVC_RATE, cfg.masking_margin_db,
+                                                       exponent=cfg.masking_exponent)
             # and the SNR floor it holds (cloak.perceptual.under_snr_floor), from the same clean audio
             self.snr_allowed = snr_floor_power(self.x[0]) if self.shaping_bound is not None else None
         self.order = torch.randperm(self.pool.t.shape[0], generator=gen).to(self.dev)

@@ -74,6 +74,14 @@ class ProtectConfig:
                  most GE2E effect at PESQ-WB >= 3.5 and SNR >= 33 dB (gamma 1 at 25 dB: half the effect;
                  gamma 0.3 at 27 dB: the same effect at lower PESQ), then measured on every corpus speaker at
                  -26 and -16 dBFS (bench/audibility.py; table in the README).
+    quality_target  predicted PESQ-WB each window's shaping keeps (0: off, the fixed masking_exponent). With a
+                 target, every window gets the flattest exponent (cloak.quality.EXPONENTS, 0 to 1) whose perturbation
+                 is predicted to keep PESQ-WB >= the target, and masking_exponent is not used: recordings with
+                 masking headroom get a flatter, stronger cloak, those without a steeper, quieter one. The
+                 prediction (cloak.quality: a PESQ-like disturbance of a probe that fills the bound, mapped to
+                 PESQ-WB by a curve fitted on corpus-train clips) over-predicts by at most
+                 QUALITY_PREDICTION_SLACK for 95 % of clips, so the default target is the product's floor (3.5)
+                 plus that.
     random_start start each window's PGD from a random delta (uniform in the epsilon box; with shaping, projected
                  under the bound) instead of zero: the usual PGD random start. L_ctx is a divergence at its minimum
                  at delta = 0, so it has no gradient there (bench/term_gradients.py); off by default (no measured
@@ -106,6 +114,7 @@ class ProtectConfig:
     shaping: Shaping = "masking"
     masking_margin_db: float = 26.0
     masking_exponent: float = 0.5
+    quality_target: float = 0.0
     early_stop: bool = False
     early_stop_every: int = 10
     early_stop_identity_drop: float = 0.15
@@ -156,6 +165,9 @@ class ProtectConfig:
         check(isinstance(self.masking_exponent, int | float) and 0.0 <= self.masking_exponent <= 1.0,
               f"masking_exponent must be in [0, 1], got {self.masking_exponent}")
         check(isinstance(self.early_stop, bool), f"early_stop must be true or false, got {self.early_stop!r}")
+        check(isinstance(self.quality_target, int | float) and (self.quality_target == 0
+                                                                 or 2.0 <= self.quality_target <= 4.6),
+              f"quality_target must be 0 (off) or a PESQ-WB in [2, 4.6], got {self.quality_target}")
         check(isinstance(self.random_start, bool), f"random_start must be true or false, got {self.random_start!r}")
         check(set(self.eot) <= set(EOT_NAMES), f"eot must be a subset of {EOT_NAMES}, got {self.eot}")
         check("mp3" not in self.eot or importlib.util.find_spec("lameenc") is not None,

@@ -342,7 +342,8 @@ class ProtectionJob:
         self.per_window.append({"losses_start": _floats([start])[0], "losses_end": _floats([end])[0],
                                 "history": _floats(self.history), "gender": attack.sex,
                                 "opposite_speaker": attack.opposite_name, "iterations": self.iteration,
-                                "early_stop_checks": self.checks})
+                                "early_stop_checks": self.checks, "masking_exponent": attack.masking_exponent,
+                                "predicted_pesq": attack.predicted_pesq})
         self.attack = None
         self.check = None
         self.checks = []
@@ -380,6 +381,8 @@ class ProtectionJob:
             "gender": self.per_window[0]["gender"],
             "opposite_speaker": self.per_window[0]["opposite_speaker"],
             "history": [w["history"] for w in self.per_window],
+            "masking_exponents": [w["masking_exponent"] for w in self.per_window],
+            "predicted_pesq": [w["predicted_pesq"] for w in self.per_window],
             "model": self.models.diffvc_id,
             "config": cfg.to_dict(),
         }

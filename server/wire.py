@@ -36,7 +36,8 @@ EOT_ENUM = {v: k for k, v in EOTS.items()}
 # ProtectConfig fields carried as optional scalars of the same name
 SCALAR_FIELDS = ("epsilon", "step_size", "iterations", "repeats", "t_adv", "seed", "source_frames", "window_seconds",
                  "overlap_seconds", "inference_steps", "early_stop", "early_stop_every", "early_stop_identity_drop",
-                 "early_stop_quality", "shaping", "masking_margin_db", "masking_exponent", "random_start")
+                 "early_stop_quality", "shaping", "masking_margin_db", "masking_exponent", "random_start",
+                 "quality_target")
 ENUM_FIELDS = ("weights", "id_encoders", "gender", "losses", "eot")
 # Loss weights: sign-PGD is invariant to a common scale, but float32 is not: a weight of 1e308 turns the loss into
 # inf (NaN gradient, no step) and one of 5e-324 into 0 (zero gradient, no step). Both came back "OK" with an

@@ -58,6 +58,7 @@ OUT_OF_RANGE = {
     "source_frames": 8, "window_seconds": 0.5, "overlap_seconds": 60.0, "inference_steps": 1001,
     "early_stop": None, "early_stop_every": 0, "early_stop_identity_drop": 3.0, "early_stop_quality": 6.0,
     "shaping": "loud", "masking_margin_db": 61.0, "masking_exponent": 1.5, "random_start": None,
+    "quality_target": 1.0,
 }
 
 

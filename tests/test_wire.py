@@ -23,7 +23,7 @@ NON_DEFAULT: dict[str, Any] = {
     "seed": 9, "id_encoders": ("wavlm", "ge2e"), "gender": "female", "losses": ("id", "sem"), "source_frames": 48,
     "window_seconds": 3.0, "overlap_seconds": 0.5, "inference_steps": 50, "early_stop": True, "early_stop_every": 3,
     "early_stop_identity_drop": 0.25, "early_stop_quality": 3.0, "shaping": "none", "masking_margin_db": 30.0,
-    "masking_exponent": 0.75, "random_start": True, "eot": ("resample", "mp3"),
+    "masking_exponent": 0.75, "random_start": True, "eot": ("resample", "mp3"), "quality_target": 4.2,
 }
 
 

@@ -282,6 +282,9 @@ _FIELD_HELP: dict[str, tuple[str | None, str]] = {
                                 "(default 26; higher = quieter and weaker)"),
     "masking_exponent": ("G", "shaping: 1 = follow the masking threshold, 0 = flat at the speech level, between: "
                               "more room in weak time-frequency cells (default 0.5)"),
+    "quality_target": ("PESQ", "shaping: the PESQ-WB each window is predicted to keep; the flattest (strongest) "
+                               "shaping that keeps it is chosen per window, masking_exponent is then unused "
+                               "(0 = off)"),
     "early_stop": (None, "stop a window once the attacker's clone already fails (needs voicecloak[eval]; "
                          "off by default: each check costs ~3 iterations)"),
     "early_stop_every": ("N", "iterations between early-stop checks (default 10)"),

@@ -110,7 +110,7 @@ SERVING_STATE_SERVING: ServingState
 SERVING_STATE_DRAINING: ServingState
 
 class ProtectSettings(_message.Message):
-    __slots__ = ("epsilon", "step_size", "iterations", "repeats", "t_adv", "weights", "seed", "id_encoders", "gender", "losses", "source_frames", "window_seconds", "overlap_seconds", "inference_steps", "early_stop", "early_stop_every", "early_stop_identity_drop", "early_stop_quality", "shaping", "masking_margin_db", "masking_exponent", "random_start", "eot")
+    __slots__ = ("epsilon", "step_size", "iterations", "repeats", "t_adv", "weights", "seed", "id_encoders", "gender", "losses", "source_frames", "window_seconds", "overlap_seconds", "inference_steps", "early_stop", "early_stop_every", "early_stop_identity_drop", "early_stop_quality", "shaping", "masking_margin_db", "masking_exponent", "random_start", "eot", "quality_target")
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class ProtectSettings(_message.Message):
     MASKING_EXPONENT_FIELD_NUMBER: _ClassVar[int]
     RANDOM_START_FIELD_NUMBER: _ClassVar[int]
     EOT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_TARGET_FIELD_NUMBER: _ClassVar[int]
     epsilon: float
     step_size: float
     iterations: int
@@ -157,7 +158,8 @@ class ProtectSettings(_message.Message):
     masking_exponent: float
     random_start: bool
     eot: _containers.RepeatedScalarFieldContainer[EotTransform]
-    def __init__(self, epsilon: _Optional[float] = ..., step_size: _Optional[float] = ..., iterations: _Optional[int] = ..., repeats: _Optional[int] = ..., t_adv: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., seed: _Optional[int] = ..., id_encoders: _Optional[_Iterable[_Union[SpeakerEncoder, str]]] = ..., gender: _Optional[_Union[Gender, str]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, str]]] = ..., source_frames: _Optional[int] = ..., window_seconds: _Optional[float] = ..., overlap_seconds: _Optional[float] = ..., inference_steps: _Optional[int] = ..., early_stop: _Optional[bool] = ..., early_stop_every: _Optional[int] = ..., early_stop_identity_drop: _Optional[float] = ..., early_stop_quality: _Optional[float] = ..., shaping: _Optional[str] = ..., masking_margin_db: _Optional[float] = ..., masking_exponent: _Optional[float] = ..., random_start: _Optional[bool] = ..., eot: _Optional[_Iterable[_Union[EotTransform, str]]] = ...) -> None: ...
+    quality_target: float
+    def __init__(self, epsilon: _Optional[float] = ..., step_size: _Optional[float] = ..., iterations: _Optional[int] = ..., repeats: _Optional[int] = ..., t_adv: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., seed: _Optional[int] = ..., id_encoders: _Optional[_Iterable[_Union[SpeakerEncoder, str]]] = ..., gender: _Optional[_Union[Gender, str]] = ..., losses: _Optional[_Iterable[_Union[LossTerm, str]]] = ..., source_frames: _Optional[int] = ..., window_seconds: _Optional[float] = ..., overlap_seconds: _Optional[float] = ..., inference_steps: _Optional[int] = ..., early_stop: _Optional[bool] = ..., early_stop_every: _Optional[int] = ..., early_stop_identity_drop: _Optional[float] = ..., early_stop_quality: _Optional[float] = ..., shaping: _Optional[str] = ..., masking_margin_db: _Optional[float] = ..., masking_exponent: _Optional[float] = ..., random_start: _Optional[bool] = ..., eot: _Optional[_Iterable[_Union[EotTransform, str]]] = ..., quality_target: _Optional[float] = ...) -> None: ...
 
 class ProtectHeader(_message.Message):
     __slots__ = ("sample_rate", "channels", "frames", "encoding", "sha256", "settings", "keep_on_disconnect", "client_name")
