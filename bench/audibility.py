@@ -180,7 +180,7 @@ def report(data: dict[str, Any], md_path: Path) -> str:
     for c in configs:
         cr = [r for r in rows if r["config"] == c]
         cfg = data["configs"][c]
-        adaptive = cfg.get("quality_target", 0) > 0
+        adaptive = cfg["shaping"] == "masking" and cfg.get("masking_exponent", 1.0) is None
         exponent = (f"exponent per window for predicted PESQ-WB >= {cfg['quality_target']:g}" if adaptive
                     else f"exponent {cfg.get('masking_exponent', 1.0):g}")
         shaping = (f"shaping=masking, margin {cfg['masking_margin_db']:g} dB, {exponent}"

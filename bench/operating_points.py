@@ -71,6 +71,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "voice flat": {"losses": ("voice",), "masking_exponent": 0.0},
     "voice flat margin30": {"losses": ("voice",), "masking_exponent": 0.0, "masking_margin_db": 30.0},
     "voice gamma0.25": {"losses": ("voice",), "masking_exponent": 0.25},
+    "voice gamma0.5": {"losses": ("voice",), "masking_exponent": 0.5},  # the fixed default before engine 9
     "default flat": {"masking_exponent": 0.0},
     # a quality target: each window's exponent chosen for its predicted PESQ-WB (cloak.quality)
     "voice quality3.9": {"losses": ("voice",), "quality_target": 3.9},

@@ -5,7 +5,7 @@
 
 Data: corpus-train only (no speaker of shared/corpus, whose validation speakers the product's figures are measured
 on): each speaker's first file (at most 7 s), resampled to 44.1 kHz, scaled to -26 and -16 dBFS active speech level
-(ITU-T P.56). For every exponent of cloak.quality.EXPONENTS: the window's masking bound (margin 26 dB), the probe
+(ITU-T P.56). For exponents 0 to 1 in eighths (bar 7/8): the window's masking bound (margin 26 dB), the probe
 perturbation that fills it (cloak.quality.probe_delta), the real PESQ-WB (P.862.2, the `pesq` package) of the clip
 with the probe added at 44.1 kHz as the product writes it, and cloak.quality.disturbance of the 22.05 kHz window as
 the engine sees it. The fit: PESQ-WB = 1 + 3.64 / (1 + exp(slope * (ln d - centre))), least squares; its error is
@@ -29,7 +29,7 @@ from scipy.optimize import curve_fit
 from cloak.evaluate.metrics import pesq_wb, to_rate
 from cloak.features import DIFFVC_RATE, resample
 from cloak.perceptual import masking_threshold, scale_to_level
-from cloak.quality import EXPONENTS, disturbance, probe_delta
+from cloak.quality import disturbance, probe_delta
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS_TRAIN = ROOT.parent / "shared" / "corpus-train"
@@ -38,6 +38,7 @@ RATE = 44_100
 LEVELS = (-26.0, -16.0)
 MARGIN_DB = 26.0
 EPSILON = 0.002
+EXPONENTS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0)  # the calibration grid
 
 
 def curve(x: np.ndarray, slope: float, centre: float) -> np.ndarray:

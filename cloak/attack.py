@@ -119,11 +119,11 @@ class WindowAttack:
                 mean = prior_means(models, clean_ref[0], clean_ref[2], self.pool, one)
                 self.pool.voice_clean = voice_embeddings(models, mean, one, self.gain_t)
             # perceptual shaping (cloak.perceptual): per-bin bound on delta's STFT from this window's clean audio
-            # with a quality target, its exponent chosen for this window (cloak.quality.window_exponent)
+            # unless fixed, its exponent chosen for this window's quality target (cloak.quality.window_exponent)
             self.masking_exponent: float | None = None
             self.predicted_pesq: float | None = None
             self.shaping_bound: torch.Tensor | None = None
-            if cfg.shaping == "masking" and cfg.quality_target > 0:
+            if cfg.shaping == "masking" and cfg.masking_exponent is None:
                 self.masking_exponent, self.predicted_pesq, self.shaping_bound = window_exponent(
                     self.x[0], DIFFVC_RATE, cfg.masking_margin_db, cfg.epsilon, cfg.quality_target)
             elif cfg.shaping == "masking":

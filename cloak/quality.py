@@ -21,7 +21,7 @@ How, without running PESQ (its reference code is C, not installable everywhere t
 * `predicted_pesq`: PESQ-WB from the disturbance by a logistic curve fitted on corpus-train clips
   (bench/quality_model.py: no speaker of `shared/corpus` in the fit; results in bench/results/quality_model.json,
   with the cross-validated error).
-* `window_exponent`: the flattest gamma of `EXPONENTS` whose prediction meets the target; the steepest if none.
+* `window_exponent`: the flattest gamma in [0, 1] (bisection, 1/32) whose prediction meets the target; 1 if none.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import torch
 from .features import resample
 from .perceptual import active_speech_level, istft, masking_threshold, snr_floor_power, under_snr_floor
 
-# the exponents a window may get, flattest first (cloak.perceptual.masking_threshold's gamma)
-EXPONENTS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
+# bisection steps of the exponent (gamma of cloak.perceptual.masking_threshold) in [0, 1]: a resolution of 1/32
+EXPONENT_STEPS = 5
 # where PGD's perturbation sits relative to its bound (dB): the projection's overlap leaks a little over it
 PROBE_OVER_BOUND_DB = 2.0
 PROBE_SEED = 0  # the probe's phases: fixed, so a window's choice does not depend on the job's random state
@@ -126,16 +126,34 @@ def probe_delta(x: torch.Tensor, bound: torch.Tensor, epsilon: float) -> torch.T
     return under_snr_floor(d, snr_floor_power(x))
 
 
+def _prediction(x: torch.Tensor, sample_rate: int, margin_db: float, epsilon: float,
+                gamma: float) -> tuple[float, torch.Tensor]:
+    bound = masking_threshold(x, sample_rate, margin_db, exponent=gamma)
+    return predicted_pesq(disturbance(x, probe_delta(x, bound, epsilon), sample_rate)), bound
+
+
 def window_exponent(x: torch.Tensor, sample_rate: int, margin_db: float, epsilon: float,
                     target: float) -> tuple[float, float, torch.Tensor]:
-    """(gamma, predicted PESQ-WB, bound): the flattest exponent of `EXPONENTS` whose probe perturbation of mono
-    window `x` (N,) is predicted at PESQ-WB >= `target`, with its masking bound (F, T); the steepest if none is."""
-    for gamma in EXPONENTS:
-        bound = masking_threshold(x, sample_rate, margin_db, exponent=gamma)
-        pred = predicted_pesq(disturbance(x, probe_delta(x, bound, epsilon), sample_rate))
-        if pred >= target:
-            break
-    return gamma, pred, bound
+    """(gamma, predicted PESQ-WB, bound): the flattest exponent in [0, 1], to `EXPONENT_STEPS` halvings, whose
+    probe perturbation of mono window `x` (N,) is predicted at PESQ-WB >= `target`, with its masking bound (F, T);
+    gamma 1 (the masking threshold itself, the quietest) if even that is not. Bisection: the prediction falls as
+    the bound flattens; where it does not quite, the answer still meets the target, only perhaps not the flattest
+    that does."""
+    pred, bound = _prediction(x, sample_rate, margin_db, epsilon, 0.0)
+    if pred >= target:
+        return 0.0, pred, bound
+    lo, hi = 0.0, 1.0
+    best = _prediction(x, sample_rate, margin_db, epsilon, hi)
+    if best[0] < target:
+        return hi, *best
+    for _ in range(EXPONENT_STEPS):
+        mid = (lo + hi) / 2
+        trial = _prediction(x, sample_rate, margin_db, epsilon, mid)
+        if trial[0] >= target:
+            hi, best = mid, trial
+        else:
+            lo = mid
+    return hi, *best
 
 
-__all__ = ["EXPONENTS", "disturbance", "predicted_pesq", "probe_delta", "window_exponent"]
+__all__ = ["EXPONENT_STEPS", "disturbance", "predicted_pesq", "probe_delta", "window_exponent"]

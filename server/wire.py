@@ -119,7 +119,8 @@ def config_to_settings(cfg: ProtectConfig) -> pb.ProtectSettings:
         eot=[EOT_ENUM[k] for k in cfg.eot],
     )
     for name in SCALAR_FIELDS:
-        setattr(s, name, getattr(cfg, name))
+        if getattr(cfg, name) is not None:  # None (masking_exponent: chosen per window) travels as unset
+            setattr(s, name, getattr(cfg, name))
     return s
 
 

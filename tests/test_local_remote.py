@@ -46,6 +46,7 @@ NON_DEFAULT: dict[str, tuple[Any, dict[str, Any]]] = {
     "shaping": ("none", {}),
     "masking_margin_db": (20.0, {}),
     "masking_exponent": (0.8, {}),
+    "quality_target": (4.2, {}),
     # the attacker check runs once, after iteration 1 of 2, with criteria it meets (it costs seconds: once is
     # enough); the other early-stop settings are carried (see the echoed settings) on jobs too short for a check
     "early_stop": (True, {"iterations": 2, "early_stop_every": 1, "early_stop_identity_drop": 0.0,

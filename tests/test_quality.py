@@ -10,7 +10,7 @@ from conftest import corpus_clip, to_rate
 from cloak import ConfigError, ProtectConfig, protect
 from cloak.features import DIFFVC_RATE, resample
 from cloak.perceptual import masking_threshold, scale_to_level
-from cloak.quality import EXPONENTS, disturbance, predicted_pesq, probe_delta, window_exponent
+from cloak.quality import EXPONENT_STEPS, disturbance, predicted_pesq, probe_delta, window_exponent
 
 FAST = dict(iterations=4, repeats=2, t_adv=3, source_frames=48, gender="male")
 
@@ -47,21 +47,22 @@ def test_probe_fills_the_bound_within_the_box():
 
 
 def test_a_higher_target_never_gets_a_flatter_exponent():
+    """Bisection finds, for each target, an exponent that meets it while one 1/32 flatter does not."""
     x = window("vctk_p227", -26.0)
     targets = (3.0, 3.5, 3.8, 4.6)
     picks = [window_exponent(x, DIFFVC_RATE, 26.0, 0.002, t) for t in targets]
     gammas = [g for g, _, _ in picks]
     assert gammas == sorted(gammas) and gammas[0] < gammas[-1]
+    step = 2.0 ** -EXPONENT_STEPS
     for (g, pred, bound), target in zip(picks, targets, strict=True):
-        assert g in EXPONENTS
+        assert 0.0 <= g <= 1.0 and (g / step) == int(g / step)
         assert torch.allclose(bound, masking_threshold(x, DIFFVC_RATE, 26.0, exponent=g))
-        if g < EXPONENTS[-1]:  # met; and the next flatter exponent is not
+        if g < 1.0:  # met, and a step flatter is not
             assert pred >= target
-            if g > EXPONENTS[0]:
-                flatter = EXPONENTS[EXPONENTS.index(g) - 1]
-                d = probe_delta(x, masking_threshold(x, DIFFVC_RATE, 26.0, exponent=flatter), 0.002)
+            if g > 0.0:
+                d = probe_delta(x, masking_threshold(x, DIFFVC_RATE, 26.0, exponent=g - step), 0.002)
                 assert predicted_pesq(disturbance(x, d, DIFFVC_RATE)) < target
-    assert picks[-1][0] == EXPONENTS[-1]  # 4.6 is out of reach of this clip: the steepest bound, quietest
+    assert picks[-1][0] == 1.0  # 4.6 is out of reach of this clip: the steepest bound, quietest
 
 
 def test_prediction_tracks_real_pesq_on_corpus_speakers():
@@ -89,11 +90,12 @@ def test_engine_uses_the_chosen_exponent_per_window(tiny_models):
     x22 = resample(torch.from_numpy(x), sr, DIFFVC_RATE)  # as the engine resamples
     assert (gamma, pred) == pytest.approx(window_exponent(x22, DIFFVC_RATE, 26.0, 0.002, 3.9)[:2], abs=1e-3)
     assert np.abs(res.audio - x).max() <= 0.002 + 1e-7
-    fixed = protect(x, sr, tiny_models, ProtectConfig(**FAST, quality_target=0.0, masking_exponent=0.5))
+    fixed = protect(x, sr, tiny_models, ProtectConfig(**FAST, masking_exponent=0.5))
     assert fixed.metrics["masking_exponents"] == [0.5] and fixed.metrics["predicted_pesq"] == [None]
 
 
 def test_quality_target_is_validated():
-    for bad in (-1.0, 1.0, 4.7):
+    assert ProtectConfig().masking_exponent is None  # the default: chosen per window
+    for bad in (0.0, 1.0, 4.7):
         with pytest.raises(ConfigError, match="quality_target"):
             ProtectConfig(quality_target=bad)

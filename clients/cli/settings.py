@@ -69,6 +69,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 _DEFAULTS = ProtectConfig()
+# fields whose default is None ("chosen for you") and whose values are numbers
+OPTIONAL_NUMBERS = ("masking_exponent",)
 
 
 def _split_list(value: Any) -> list[Any]:
@@ -82,6 +84,8 @@ def _split_list(value: Any) -> list[Any]:
 def coerce_field(name: str, value: Any) -> Any:
     """Convert a value from a flag or config file to the type of ProtectConfig.<name>; ConfigError if impossible."""
     default = getattr(_DEFAULTS, name)
+    if name in OPTIONAL_NUMBERS:
+        default = 0.0
     try:
         if isinstance(default, bool):
             if not isinstance(value, bool):
@@ -280,11 +284,12 @@ _FIELD_HELP: dict[str, tuple[str | None, str]] = {
                       "inaudible at any recording level and pauses stay clean; none: the paper's plain l-inf box"),
     "masking_margin_db": ("DB", "shaping: how far under the masking threshold the perturbation stays "
                                 "(default 26; higher = quieter and weaker)"),
-    "masking_exponent": ("G", "shaping: 1 = follow the masking threshold, 0 = flat at the speech level, between: "
-                              "more room in weak time-frequency cells (default 0.5)"),
+    "masking_exponent": ("G", "shaping: fix the exponent for every window: 1 = follow the masking threshold, 0 = flat "
+                              "at the speech level, between: more room in weak time-frequency cells (default: "
+                              "chosen per window for --quality-target)"),
     "quality_target": ("PESQ", "shaping: the PESQ-WB each window is predicted to keep; the flattest (strongest) "
-                               "shaping that keeps it is chosen per window, masking_exponent is then unused "
-                               "(0 = off)"),
+                               "shaping that keeps it is chosen per window (default 3.9; ignored with "
+                               "--masking-exponent)"),
     "early_stop": (None, "stop a window once the attacker's clone already fails (needs voicecloak[eval]; "
                          "off by default: each check costs ~3 iterations)"),
     "early_stop_every": ("N", "iterations between early-stop checks (default 10)"),
@@ -306,7 +311,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in fields(ProtectConfig):
         flag = "--" + f.name.replace("_", "-")
         metavar, text = _FIELD_HELP.get(f.name, (f.name.upper(), f"ProtectConfig.{f.name}"))
-        default = getattr(_DEFAULTS, f.name)
+        default = 0.0 if f.name in OPTIONAL_NUMBERS else getattr(_DEFAULTS, f.name)
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": text}
         if f.name == "gender":
             kwargs["choices"] = list(get_args(Gender))
