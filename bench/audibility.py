@@ -176,7 +176,7 @@ def report(data: dict[str, Any], md_path: Path) -> str:
              "stated ITU-T P.56 active speech level. Goal: PESQ-WB >= 3.5 and SNR >= 33 dB. GE2E drop = "
              "1 - cosine(clean, protected) of the speaker embedding DiffVC conditions on (the cloak's effect); "
              "`loss gain` = rise of the engine's weighted objective from the clean recording to the protected one "
-             "(higher = stronger).", ""]
+             "(higher = stronger).", ""] + ([data["note"], ""] if data.get("note") else [])
     for c in configs:
         cr = [r for r in rows if r["config"] == c]
         cfg = data["configs"][c]
