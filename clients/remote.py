@@ -395,6 +395,8 @@ def _metrics_dict(m: Any, wire: Any) -> dict[str, Any]:
     if m.details_json:
         details = json.loads(m.details_json)
         out["history"] = details.get("history")
+        out["masking_exponents"] = details.get("masking_exponents")
+        out["predicted_pesq"] = details.get("predicted_pesq")
     return out
 
 

@@ -45,8 +45,8 @@ __all__ = ["ENGINE_VERSION", "ProtectionJob", "WindowAttack", "crossfade_weights
 
 # Changes whenever the same settings would give a different perturbation (caches of protected audio key on it).
 ENGINE_VERSION = ("9: the masking exponent chosen per window for a predicted PESQ-WB of 3.9 (8: every iteration has "
-                  "`repeats` draws, CPU steps in micro-batches; 7: lambda_voice 10 by default, fused Mish; 6: SNR floor "
-                  "of 34 dB per window; 5: L_voice)")
+                  "`repeats` draws, CPU steps in micro-batches; 7: lambda_voice 10 by default, fused Mish; "
+                  "6: SNR floor of 34 dB per window; 5: L_voice)")
 
 
 def within_budget(x: torch.Tensor, d: torch.Tensor, eps: float) -> torch.Tensor:

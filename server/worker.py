@@ -163,7 +163,8 @@ def deliver(rec: JobRecord) -> tuple[bytes, Done]:
     linf = codec.delivered_linf(out, up.encoding, rec.samples)
     warning = unprotected_warning(linf, rec.samples)
     snr = 0.0 if warning else float(m["snr_db"])
-    details = {k: v for k, v in m.items() if k in ("history", "config", "snr_db", "linf")}
+    details = {k: v for k, v in m.items()
+               if k in ("history", "config", "snr_db", "linf", "masking_exponents", "predicted_pesq")}
     if warning:
         details["snr_db"] = None
         details["warning"] = warning

@@ -25,7 +25,7 @@ EPS = 0.002
 FAST = ["--iterations", "2", "--repeats", "1", "--t-adv", "1", "--source-frames", "32", "--gender", "male",
         "--epsilon", str(EPS), "--step-size", "0.001"]
 SUMMARY_KEYS = {"input", "output", "seconds", "snr_db", "linf", "losses_start", "losses_end", "iterations",
-                "windows", "gender", "models", "config"}
+                "windows", "gender", "masking_exponents", "predicted_pesq", "models", "config"}
 
 
 @pytest.fixture(autouse=True)

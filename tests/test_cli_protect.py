@@ -56,6 +56,8 @@ def test_protect_formats_json_and_bound(tmp_path: Path, bundle: Path, speech: np
     dv_sha = hashlib.sha256((bundle / "diffvc.pt").read_bytes()).hexdigest()
     for rec in records:
         assert SUMMARY_KEYS <= rec.keys() and rec["ok"] is True
+        assert len(rec["masking_exponents"]) == len(rec["predicted_pesq"]) == rec["windows"]
+        assert all(0.0 <= g <= 1.0 for g in rec["masking_exponents"])  # chosen per window (the default)
         inp, out = Path(rec["input"]), Path(rec["output"])
         name, fmt, subtype = expected[inp.name]
         assert out == out_dir / name and out.is_file() and out != inp

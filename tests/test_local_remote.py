@@ -110,5 +110,7 @@ def test_local_and_remote_agree_bit_for_bit(name: str, protectors: tuple[Protect
     assert ProtectConfig.from_dict(remote.metrics["config"]) == cfg  # the server ran these settings
     assert remote.metrics["config"] == local.metrics["config"]
     assert remote.metrics["history"] == local.metrics["history"]  # the loss after every iteration run
+    for key in ("masking_exponents", "predicted_pesq"):  # each window's shaping, as chosen on each side
+        assert remote.metrics[key] == local.metrics[key] and len(local.metrics[key]) == local.metrics["windows"]
     if name == "early_stop":  # the check ran and stopped the window early (the same history on both sides)
         assert local.metrics["iterations_run"] == [1] and local.metrics["early_stop_checks"][0][0]["met"]

@@ -74,7 +74,8 @@ settings: flags > environment ({ENV_MODELS}) > config file > defaults. Config fi
 
 progress: bars on a terminal, plain log lines on stderr otherwise; --json prints one JSON object per file on
 stdout (input, output, seconds, snr_db, linf, losses_start, losses_end, iterations, windows, gender,
-models, config) and nothing else. Ctrl-C abandons the current file and exits 130.
+masking_exponents and predicted_pesq (each window's shaping), models, config) and nothing else. Ctrl-C
+abandons the current file and exits 130.
 
 {EXIT_CODES_HELP}
 """
@@ -314,6 +315,7 @@ def _report_file(args: argparse.Namespace, job: Job, sample_rate: int, exact: np
             "losses_start": metrics.get("losses_start"), "losses_end": metrics.get("losses_end"),
             "iterations": metrics.get("iterations"), "windows": metrics.get("windows"),
             "gender": metrics.get("gender"), "opposite_speaker": metrics.get("opposite_speaker"),
+            "masking_exponents": metrics.get("masking_exponents"), "predicted_pesq": metrics.get("predicted_pesq"),
             "models": model_ids, "device": settings.device, "config": metrics.get("config"),
             "sample_rate": sample_rate, "channels": channels, "frames": int(x.shape[0]),
             "format": job.out_format, "subtype": job.out_subtype, "warning": metrics.get("warning"),
