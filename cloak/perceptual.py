@@ -20,8 +20,9 @@ What this module adds (pure functions on tensors/arrays, used by the engine's pr
   input by g scales M by g), zero where the clean signal is digital silence, small in pauses and in bands
   where the voice has little energy. Why relative and not a psychoacoustic model's absolute threshold in
   quiet: the playback level of a file is unknown, and a relative bound keeps its promise at any level. Why
-  gamma < 1 by default: noise exactly under the masking threshold is the least audible but also barely moves
-  the log-mel features a cloner reads (measured: half the GE2E effect of gamma 0.5 at the same PESQ goal).
+  gamma < 1: noise exactly under the masking threshold is the least audible but also barely moves the log-mel
+  features a cloner reads (measured: half the GE2E effect of gamma 0.5 at the same PESQ goal). Which gamma: by
+  default each window's, chosen for a predicted PESQ-WB (cloak.quality.window_exponent).
 * `shaped_step`: the engine's PGD step under that bound, the time-frequency analogue of the sign step (each
   bin moves by a fixed fraction of its bound along the gradient's phase), followed by the projection.
 * `project_spectral`: the projection delta <- ISTFT(STFT(delta) * min(1, M / |STFT(delta)|)), i.e. each
