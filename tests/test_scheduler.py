@@ -214,7 +214,9 @@ def test_a_job_runs_to_a_result_identical_to_local_protection(tiny_models, clip)
     m = done.metrics
     assert m.config == cfg and m.iterations == 2 and m.windows == 1 and not m.warning
     assert 0 < m.linf <= cfg.epsilon + 1e-7 and m.snr_db == pytest.approx(local.metrics["snr_db"])
-    assert set(json.loads(m.details_json)) == {"history", "config", "snr_db", "linf"}
+    details = json.loads(m.details_json)
+    assert set(details) == {"history", "config", "snr_db", "linf", "masking_exponents", "predicted_pesq"}
+    assert details["masking_exponents"] == local.metrics["masking_exponents"]  # each window's shaping, as local
     assert rec.state == JobState.SUCCEEDED and status.state == JobState.SUCCEEDED and status.fraction == 1.0
     assert status.error == "" and status.expires_in_seconds is not None and status.expires_in_seconds > 0
     # a late subscriber gets the lifecycle again, the result last
