@@ -166,6 +166,7 @@ class ProtectConfig:
               f"masking_exponent must be in [0, 1] (or unset: chosen per window), got {self.masking_exponent}")
         check(isinstance(self.quality_target, int | float) and 2.0 <= self.quality_target <= 4.6,
               f"quality_target must be a PESQ-WB in [2, 4.6], got {self.quality_target}")
+        check(isinstance(self.early_stop, bool), f"early_stop must be true or false, got {self.early_stop!r}")
         check(isinstance(self.random_start, bool), f"random_start must be true or false, got {self.random_start!r}")
         check(set(self.eot) <= set(EOT_NAMES), f"eot must be a subset of {EOT_NAMES}, got {self.eot}")
         check("mp3" not in self.eot or importlib.util.find_spec("lameenc") is not None,

@@ -99,3 +99,11 @@ def test_quality_target_is_validated():
     for bad in (0.0, 1.0, 4.7):
         with pytest.raises(ConfigError, match="quality_target"):
             ProtectConfig(quality_target=bad)
+
+
+def test_the_neighbouring_switches_are_still_validated():
+    """The quality target's checks sit between the shaping's and the switches'; those keep theirs."""
+    with pytest.raises(ConfigError, match="early_stop"):
+        ProtectConfig(early_stop="yes")
+    with pytest.raises(ConfigError, match="masking_exponent"):
+        ProtectConfig(masking_exponent=1.5)
